@@ -1,0 +1,138 @@
+"""Reading checkpoints: a Hugging Face directory or a GGUF file.
+
+In: a path. Out: the HF-style config dict, a stream of (HF name, tensor) one tensor at a
+time, and the tokenizer. Problems (missing files, truncated safetensors, no tokenizer) are
+`CheckpointError`s that name the file, raised before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shardserve.builder.errors import CheckpointError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    weight_files: tuple[Path, ...]  # safetensors / bin shards, or the one GGUF file
+    tokenizer_path: Path | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix == ".gguf"
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.is_gguf:
+            from shardserve.builder.gguf import iter_gguf_tensors
+
+            yield from iter_gguf_tensors(self.path)
+            return
+        for file in self.weight_files:
+            yield from _iter_file(file)
+
+    def load_tokenizer(self) -> Any:
+        if self.tokenizer_path is not None and self.tokenizer_path != self.path:
+            return _auto_tokenizer(self.tokenizer_path)
+        if self.is_gguf:
+            from shardserve.builder.gguf import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(self.path)
+        return _auto_tokenizer(self.path)
+
+
+def open_checkpoint(path: str | Path, tokenizer: str | Path | None = None) -> Checkpoint:
+    path = Path(path)
+    tok = Path(tokenizer) if tokenizer is not None else None
+    if not path.exists():
+        raise CheckpointError(f"model not found: {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path}: expected a model directory or a .gguf file")
+        from shardserve.builder.gguf import read_gguf_config
+
+        return Checkpoint(path, read_gguf_config(path), (path,), tok)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
+    files = _weight_files(path)
+    for file in files:
+        if file.suffix == ".safetensors":
+            check_safetensors(file)
+    if tok is None and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    return Checkpoint(path, config, files, tok)
+
+
+def _weight_files(path: Path) -> tuple[Path, ...]:
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = tuple(path / name for name in sorted(set(weight_map.values())))
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names missing shard files: {', '.join(missing)}")
+        return files
+    for pattern in ("*.safetensors", "pytorch_model*.bin"):
+        files = tuple(sorted(path.glob(pattern)))
+        if files:
+            return files
+    raise CheckpointError(f"{path}: no weights (*.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin)")
+
+
+def check_safetensors(file: Path) -> None:
+    """Validate the header and that the file is as long as the header says."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if 8 + header_len > size:
+            raise CheckpointError(f"{file}: truncated safetensors file (header of {header_len} bytes, file {size})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{file}: corrupt safetensors header") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise CheckpointError(f"{file}: truncated safetensors file: needs {8 + header_len + end} bytes, has {size}")
+
+
+def _iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+        return
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises several types for corrupt zip/pickle files
+        raise CheckpointError(f"{file}: cannot read ({exc})") from None
+    yield from state.items()
+
+
+def _auto_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot load the tokenizer ({exc})") from None

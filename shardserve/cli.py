@@ -1,0 +1,119 @@
+"""`shardserve` command line. Today: `generate` (the launch post's run.py).
+
+    shardserve generate [--model-dir PATH] --input-text "How do I count to nine in French?" --max-output-len 100
+    shardserve generate --model-dir PATH --batch-file prompts.txt --temperature 0.8 --seed 1
+
+PATH is a Hugging Face directory or a .gguf file (default: the bundled SmolLM2 demo model).
+Problems with the model or the request are one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from shardserve.builder.errors import CheckpointError
+from shardserve.config import ConfigError, DeploymentConfig
+from shardserve.engine.request import InvalidRequestError, SamplingParams
+
+
+def _generate_parser(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate completions offline (in-flight batched)")
+    p.add_argument("--model-dir", help="HF checkpoint dir or .gguf file (default: bundled SmolLM2)")
+    p.add_argument("--tokenizer-dir", help="tokenizer dir if not beside the model")
+    p.add_argument("--config", help="deployment YAML (its model/cache/scheduler sections)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--input-text", action="append", help="a prompt (repeatable)")
+    src.add_argument("--batch-file", help="a file with one prompt per line, run as one in-flight batch")
+    p.add_argument("--max-output-len", type=int, default=100)
+    p.add_argument("--min-output-len", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop-words", nargs="+", default=[])
+    p.add_argument("--bad-words", nargs="+", default=[])
+    p.add_argument("--end-id", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
+    p.set_defaults(func=cmd_generate)
+
+
+def _config(args: argparse.Namespace) -> DeploymentConfig:
+    base = DeploymentConfig.from_yaml(args.config) if args.config else DeploymentConfig()
+    model = base.model.model_dump()
+    for key, value in (("path", args.model_dir), ("tokenizer", args.tokenizer_dir), ("dtype", args.dtype)):
+        if value is not None:
+            model[key] = value
+    return DeploymentConfig.from_dict({**base.model_dump(), "model": model})
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    if args.batch_file:
+        path = Path(args.batch_file)
+        if not path.is_file():
+            raise InvalidRequestError(f"batch file not found: {path}")
+        prompts = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise InvalidRequestError(f"batch file {path} has no prompts")
+        return prompts
+    return args.input_text or ["How do I count to nine in French?"]
+
+
+def _params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_output_len,
+        min_tokens=args.min_output_len,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop_words=tuple(args.stop_words),
+        bad_words=tuple(args.bad_words),
+        end_id=args.end_id,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from shardserve.engine.engine import LLM
+
+    params = _params(args)
+    prompts = _prompts(args)
+    llm = LLM.from_config(_config(args))
+    if args.chat:
+        prompts = [apply_chat_template(llm.engine.tokenizer, p) for p in prompts]
+    for i, out in enumerate(llm.generate(prompts, params)):
+        print(f'Input [Text {i}]: "{args.input_text[i] if args.input_text else prompts[i]}"')
+        print(f'Output [Text {i}]: "{out.text}"')
+    return 0
+
+
+def apply_chat_template(tokenizer: Any, prompt: str) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("--chat: this model's tokenizer has no chat template")
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardserve", description="distributed LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, InvalidRequestError, ConfigError) as exc:
+        print(f"shardserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

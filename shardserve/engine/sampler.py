@@ -1,0 +1,169 @@
+"""Logits → next tokens, per request parameters, batched.
+
+In: logits [rows, vocab] of the positions to sample and one `SamplingRow` a row.
+Out: one token id a row (and top-n log-probabilities where asked).
+
+Order: repetition penalty, bans (bad words; end ids before `min_tokens`), then greedy
+rows take the argmax; the others go through temperature, top-k, top-p, min-p and are
+drawn by the exponential race (argmax of p / E, E ~ Exp(1)). A request with a `seed`
+draws its noise from a generator seeded by (seed, output index), so its tokens do not
+depend on its batch mates nor on preemption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shardserve.engine.request import SamplingParams, TokenLogprob
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRow:
+    params: SamplingParams
+    token_ids: list[int]  # prompt + output so far
+    num_prompt_tokens: int
+    eos_token_ids: frozenset[int]
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        # logits: [rows, vocab]
+        logits = logits.float()
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in rows):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = apply_penalties_and_bans(logits.clone(), rows)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        random = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if greedy:
+            tokens[greedy] = logits[greedy].argmax(dim=-1)
+        if random:
+            tokens[random] = self._sample(logits[random], [rows[i] for i in random])
+        token_list = tokens.tolist()
+        return SamplerOutput(token_list, _logprobs(raw_logprobs, token_list, rows))
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        # logits: [n, vocab]
+        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+        logits = logits / temps[:, None]
+        logits = top_k_top_p(logits, rows)
+        logits = min_p_filter(logits, rows)
+        probs = torch.softmax(logits, dim=-1)
+        noise = self._exponential_noise(probs, rows)
+        return (probs / noise.clamp_min(1e-20)).argmax(dim=-1)
+
+    def _exponential_noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        device = probs.device
+        noise = torch.empty_like(probs).exponential_(generator=self._generator(device))
+        for i, row in enumerate(rows):
+            if row.params.seed is not None:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(_mix(row.params.seed, row.num_output_tokens))
+                noise[i].exponential_(generator=gen)
+        return noise
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[device] = gen
+        return gen
+
+
+def apply_penalties_and_bans(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition penalty (HF semantics, over prompt and output) and banned tokens, in place."""
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.repetition_penalty != 1.0 and row.token_ids:
+            ids = torch.tensor(sorted(set(row.token_ids)), device=logits.device)
+            seen = logits[i, ids]
+            logits[i, ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        banned = banned_token_ids(row)
+        if banned:
+            logits[i, torch.tensor(banned, device=logits.device)] = float("-inf")
+    return logits
+
+
+def banned_token_ids(row: SamplingRow) -> list[int]:
+    """Tokens this row may not produce next: bad-word completions, and end ids before min_tokens."""
+    banned = []
+    for seq in row.bad_words_ids:
+        prefix = list(seq[:-1])
+        if not prefix or row.token_ids[-len(prefix) :] == prefix:
+            banned.append(seq[-1])
+    if row.num_output_tokens < row.params.min_tokens:
+        banned.extend(row.eos_token_ids)
+        banned.extend(row.params.stop_token_ids)
+    return banned
+
+
+def top_k_top_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k and top-p nucleus."""
+    top_k = [r.params.top_k for r in rows]
+    top_p = [r.params.top_p for r in rows]
+    if not any(top_k) and all(p >= 1.0 for p in top_p):
+        return logits
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    keep = torch.ones_like(sorted_logits, dtype=torch.bool)
+    if any(top_k):
+        k = torch.tensor([kk if 0 < kk < vocab else vocab for kk in top_k], device=logits.device)
+        keep &= torch.arange(vocab, device=logits.device)[None, :] < k[:, None]
+    if any(p < 1.0 for p in top_p):
+        probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+        p = torch.tensor(top_p, device=logits.device)[:, None]
+        keep &= (before < p) | (p >= 1.0)  # top_p = 1 is off, whatever the float32 cumsum says
+    keep[:, 0] = True
+    mask = torch.empty_like(keep).scatter_(-1, order, keep)
+    return logits.masked_fill(~mask, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    min_p = [r.params.min_p for r in rows]
+    if not any(min_p):
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    threshold = torch.tensor(min_p, device=logits.device)[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def _logprobs(raw: torch.Tensor | None, tokens: list[int], rows: list[SamplingRow]) -> list[TokenLogprob | None]:
+    out: list[TokenLogprob | None] = [None] * len(rows)
+    if raw is None:
+        return out
+    for i, row in enumerate(rows):
+        n = row.params.logprobs
+        if n is None:
+            continue
+        values, ids = raw[i].topk(n) if n else (raw[i][:0], raw[i][:0].long())
+        top = dict(zip(ids.tolist(), values.tolist(), strict=True))
+        out[i] = TokenLogprob(tokens[i], float(raw[i, tokens[i]]), top)
+    return out
+
+
+def _mix(seed: int, index: int) -> int:
+    """A 63-bit generator seed from a request seed and an output position (splitmix64)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF

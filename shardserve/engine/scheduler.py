@@ -1,0 +1,228 @@
+"""In-flight batching scheduler. Plain Python: no torch.
+
+Each step mixes the next token of every running request with (chunked) prefill of
+waiting ones, within `max_num_tokens` tokens and `max_num_sequences` requests. There is
+one code path for prefill and decode: a request needs `num_tokens - num_computed_tokens`
+more tokens computed, and gets as many as the budget allows.
+
+Policies (Triton TensorRT-LLM backend names):
+- guaranteed_completion: a request is admitted only when blocks for prompt + max_tokens
+  can be reserved beside the reservations of the running ones; nothing is ever preempted.
+- max_utilization: admit while blocks for the scheduled chunk are free; when a running
+  request cannot grow, preempt the newest (lowest priority first) and recompute it later.
+Waiting requests are admitted by priority (higher first), then by arrival.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from shardserve.config import SchedulerConfig, SchedulerPolicy
+from shardserve.engine.kv_cache import CachedPrefix, KVCacheManager
+from shardserve.engine.request import FinishReason, Request, RequestStatus
+from shardserve.engine.step import CachedRequestData, NewRequestData, StepPlan, StepResult
+
+
+@dataclass(slots=True)
+class _Sent:
+    """What the ranks already know of a request."""
+
+    num_tokens: int
+    num_blocks: int
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_steps: int = 0
+    num_computed_tokens: int = 0  # tokens run through the model (prefix hits excluded)
+    num_preemptions: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: list[Request] = []  # sorted by (-priority, arrival)
+        self.running: list[Request] = []  # admission order
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+        self._sent: dict[str, _Sent] = {}
+        self._finished_ids: list[str] = []  # to tell the ranks on the next step
+        self._step_id = 0
+
+    # -- requests in and out -------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self._enqueue(req)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Stop a request in any state; returns it, or None if it is unknown or already finished."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return None
+        self.finish(req, FinishReason.ABORT)
+        return req
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        if req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        elif req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self.kv_cache.free(req)
+        self._forget_sent(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        del self.requests[req.request_id]
+        self.stats.finished[reason.value] = self.stats.finished.get(reason.value, 0) + 1
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- one step --------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_num_tokens
+        scheduled: dict[str, int] = {}
+        budget, preempted = self._schedule_running(budget, scheduled)
+        if not preempted:
+            self._schedule_waiting(budget, scheduled)
+        self._step_id += 1
+        plan = self._make_plan(scheduled)
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += plan.total_num_scheduled_tokens
+        return plan
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        """Apply a step's result; returns the requests that got a token (some now finished)."""
+        touched: list[Request] = []
+        for request_id, n in plan.num_scheduled_tokens.items():
+            req = self.requests.get(request_id)
+            if req is None:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += n
+            token = result.sampled_token_ids.get(request_id)
+            if token is None:
+                continue
+            req.output_token_ids.append(token)
+            if request_id in result.logprobs:
+                req.output_logprobs.append(result.logprobs[request_id])
+            touched.append(req)
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self.finish(req, reason)
+        return touched
+
+    # -- internals -------------------------------------------------------------------------
+    def _schedule_running(self, budget: int, scheduled: dict[str, int]) -> tuple[int, bool]:
+        preempted = False
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv_cache.can_allocate(req, n):
+                if self.config.policy is SchedulerPolicy.GUARANTEED_COMPLETION:
+                    raise RuntimeError(f"request {req.request_id} outgrew its reserved blocks")
+                victim = self._newest_running()
+                budget += scheduled.pop(victim.request_id, 0)
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                self.kv_cache.allocate(req, n)
+                scheduled[req.request_id] = n
+                budget -= n
+        return budget, preempted
+
+    def _schedule_waiting(self, budget: int, scheduled: dict[str, int]) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_sequences:
+            req = self.waiting[0]
+            prefix = self.kv_cache.find_cached_prefix(req)
+            n = min(req.num_tokens - req.num_computed_tokens - prefix.num_tokens, budget)
+            if not self._can_admit(req, n, prefix):
+                break
+            self.waiting.pop(0)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = prefix.num_tokens
+            self.kv_cache.allocate(req, n, prefix)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled[req.request_id] = n
+            budget -= n
+
+    def _can_admit(self, req: Request, n: int, prefix: CachedPrefix) -> bool:
+        if self.config.policy is SchedulerPolicy.MAX_UTILIZATION:
+            return self.kv_cache.can_allocate(req, n, prefix)
+        kv = self.kv_cache
+        outstanding = sum(max(0, kv.blocks_needed(r.max_final_tokens) - len(r.block_ids)) for r in self.running)
+        mine = kv.blocks_needed(req.max_final_tokens) - len(prefix.block_ids)
+        return kv.num_free_blocks - kv.pool.num_free_among(prefix.block_ids) - outstanding >= mine
+
+    def _newest_running(self) -> Request:
+        return min(self.running, key=lambda r: (r.priority, -r.arrival))
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv_cache.free(req)
+        self._forget_sent(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.stats.num_preemptions += 1
+        self._enqueue(req)
+
+    def _enqueue(self, req: Request) -> None:
+        keys = [(-r.priority, r.arrival) for r in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, (-req.priority, req.arrival)), req)
+
+    def _forget_sent(self, req: Request) -> None:
+        if self._sent.pop(req.request_id, None) is not None:
+            self._finished_ids.append(req.request_id)
+
+    def _make_plan(self, scheduled: dict[str, int]) -> StepPlan:
+        new: list[NewRequestData] = []
+        cached: list[CachedRequestData] = []
+        for request_id in scheduled:
+            req = self.requests[request_id]
+            sent = self._sent.get(request_id)
+            if sent is None:
+                new.append(_new_request_data(req))
+            else:
+                cached.append(
+                    CachedRequestData(
+                        request_id,
+                        req.token_ids[sent.num_tokens :],
+                        req.block_ids[sent.num_blocks :],
+                        req.num_computed_tokens,
+                    )
+                )
+            self._sent[request_id] = _Sent(req.num_tokens, len(req.block_ids))
+        finished, self._finished_ids = self._finished_ids, []
+        return StepPlan(self._step_id, new, cached, scheduled, finished)
+
+    @staticmethod
+    def _stop_reason(req: Request, token: int) -> FinishReason | None:
+        if req.num_output_tokens >= req.params.min_tokens:
+            if token in req.eos_token_ids or token in req.params.stop_token_ids:
+                return FinishReason.STOP
+        if req.max_tokens_left == 0:
+            return FinishReason.LENGTH
+        return None
+
+
+def _new_request_data(req: Request) -> NewRequestData:
+    return NewRequestData(
+        request_id=req.request_id,
+        token_ids=list(req.token_ids),
+        num_prompt_tokens=len(req.prompt_token_ids),
+        params=req.params,
+        eos_token_ids=req.eos_token_ids,
+        bad_words_ids=req.bad_words_ids,
+        block_ids=list(req.block_ids),
+        num_computed_tokens=req.num_computed_tokens,
+    )

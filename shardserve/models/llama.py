@@ -1,0 +1,149 @@
+"""The Llama family: Llama 1/2/3 (incl. llama3 rope scaling), Mistral, Qwen2 (qkv bias).
+
+In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache).
+Out: hidden states [tokens, hidden]; `compute_logits` maps the sampled rows to the vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from shardserve.comm.base import Communicator, SingleRankCommunicator
+from shardserve.models.arch import ArchConfig
+from shardserve.models.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    default_loader,
+)
+from shardserve.models.rotary import RotaryEmbedding
+from shardserve.workers.attention import ForwardContext
+
+ACTIVATIONS = {"silu": nn.functional.silu, "gelu": nn.functional.gelu, "relu": nn.functional.relu}
+
+# HF name fragment -> (our fragment, shard id) for weights fused at load time.
+STACKED = {
+    ".q_proj.": (".qkv_proj.", "q"),
+    ".k_proj.": (".qkv_proj.", "k"),
+    ".v_proj.": (".qkv_proj.", "v"),
+    ".gate_proj.": (".gate_up_proj.", 0),
+    ".up_proj.": (".gate_up_proj.", 1),
+}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ArchConfig, layer: int, comm: Communicator, rotary: RotaryEmbedding):
+        super().__init__()
+        self.layer = layer
+        self.qkv_proj = QKVParallelLinear(
+            arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.attention_bias, comm
+        )
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.o_proj_bias, comm)
+        self.rotary = rotary
+        self.heads, self.kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, arch.head_dim
+        self.scale = arch.head_dim**-0.5
+        self.window = arch.sliding_window(layer)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        # x: [tokens, hidden]
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.heads, self.head_dim)  # [tokens, heads, head_dim]
+        k = k.view(-1, self.kv_heads, self.head_dim)  # [tokens, kv_heads, head_dim]
+        v = v.view(-1, self.kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = ctx.backend.forward(q, k, v, ctx.kv_caches[self.layer], ctx.meta, self.scale, self.window)
+        return self.o_proj(out.reshape(-1, q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: ArchConfig, comm: Communicator):
+        super().__init__()
+        inter = arch.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [inter, inter], arch.mlp_bias, comm)
+        self.down_proj = RowParallelLinear(inter, arch.hidden_size, arch.mlp_bias, comm)
+        self.act = ACTIVATIONS[arch.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig, layer: int, comm: Communicator, rotary: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = LlamaAttention(arch, layer, comm, rotary)
+        self.mlp = LlamaMLP(arch, comm)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, ctx)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ArchConfig, comm: Communicator, max_positions: int):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, comm)
+        rotary = RotaryEmbedding(arch.head_dim, arch.head_dim, max_positions, arch.rope)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, comm, rotary) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.norm_eps)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.embed_tokens(ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, ctx)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: ArchConfig, comm: Communicator | None = None, max_positions: int | None = None):
+        super().__init__()
+        comm = comm or SingleRankCommunicator()
+        self.arch = arch
+        self.model = LlamaModel(arch, comm, max_positions or arch.max_position_embeddings)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, comm=comm)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        # ids, positions: [tokens] -> hidden [tokens, hidden]
+        return self.model(ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # [rows, vocab]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors into this rank's parameters; returns the parameter names loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.arch.tie_word_embeddings):
+                continue
+            target, shard = name, None
+            for hf_part, (ours, shard_id) in STACKED.items():
+                if hf_part in name:
+                    target, shard = name.replace(hf_part, ours), shard_id
+                    break
+            if target not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in {self.arch.architecture}")
+            default_loader(params[target], tensor, shard)
+            loaded.add(target)
+        return loaded

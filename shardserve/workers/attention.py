@@ -1,0 +1,164 @@
+"""Paged attention over block tables.
+
+The KV cache of one layer is a tensor [2, num_blocks, block_size, kv_heads, head_dim]
+(keys, values). A step is a flat batch of tokens from several sequences; each sequence
+has `query_len` new tokens at positions `context_len - query_len .. context_len - 1` and
+reads keys through its block table. `AttentionBackend` is the seam for faster kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class SeqSpan:
+    query_start: int  # offset of this sequence's tokens in the flat batch
+    query_len: int
+    context_len: int  # tokens in the cache after this step (computed before + query_len)
+    block_table: list[int]
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [tokens] long: cache slot (block * block_size + offset) of each token
+    seqs: list[SeqSpan]
+    block_size: int
+    # Decode sequences (query_len == 1) are batched: their rows in `seqs`, padded tables and lengths.
+    decode_rows: list[int] = field(default_factory=list)
+    decode_tokens: torch.Tensor | None = None  # [decodes] long: flat token index of each
+    decode_block_tables: torch.Tensor | None = None  # [decodes, max_blocks] long
+    decode_context_lens: torch.Tensor | None = None  # [decodes] long
+
+    @classmethod
+    def build(cls, seqs: list[SeqSpan], block_size: int, device: torch.device) -> AttentionMetadata:
+        slots: list[int] = []
+        for s in seqs:
+            for pos in range(s.context_len - s.query_len, s.context_len):
+                slots.append(s.block_table[pos // block_size] * block_size + pos % block_size)
+        meta = cls(torch.tensor(slots, dtype=torch.long, device=device), seqs, block_size)
+        rows = [i for i, s in enumerate(seqs) if s.query_len == 1]
+        if rows:
+            width = max(-(-seqs[i].context_len // block_size) for i in rows)
+            tables = [seqs[i].block_table[:width] + [0] * (width - len(seqs[i].block_table[:width])) for i in rows]
+            meta.decode_rows = rows
+            meta.decode_tokens = torch.tensor([seqs[i].query_start for i in rows], dtype=torch.long, device=device)
+            meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=device)
+            meta.decode_context_lens = torch.tensor([seqs[i].context_len for i in rows], device=device)
+        return meta
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] → [tokens, heads, head_dim].
+
+        Writes k, v into `kv_cache` at `meta.slot_mapping` first."""
+        ...
+
+
+class TorchAttentionBackend:
+    """Reference backend: SDPA over keys gathered from the block tables (CPU and CUDA)."""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        if meta.decode_rows:
+            out[meta.decode_tokens] = self._decode(q[meta.decode_tokens], kv_cache, meta, scale, sliding_window)
+        decode = set(meta.decode_rows)
+        for i, s in enumerate(meta.seqs):
+            if i not in decode:
+                sl = slice(s.query_start, s.query_start + s.query_len)
+                out[sl] = self._prefill(q[sl], kv_cache, s, meta.block_size, scale, sliding_window)
+        return out
+
+    @staticmethod
+    def _decode(
+        q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None
+    ) -> torch.Tensor:
+        # q: [decodes, heads, head_dim]
+        tables = meta.decode_block_tables
+        assert tables is not None and meta.decode_context_lens is not None
+        n, width = tables.shape
+        keys = kv_cache[0][tables].reshape(n, width * meta.block_size, *kv_cache.shape[-2:])
+        values = kv_cache[1][tables].reshape(n, width * meta.block_size, *kv_cache.shape[-2:])
+        pos = torch.arange(width * meta.block_size, device=q.device)[None, :]
+        lens = meta.decode_context_lens[:, None]
+        mask = pos < lens
+        if window is not None:
+            mask &= pos >= lens - window
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :],  # [n, heads, 1, d]
+            keys.transpose(1, 2),  # [n, kv_heads, L, d]
+            values.transpose(1, 2),
+            attn_mask=mask[:, None, None, :],
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out[:, :, 0, :]
+
+    @staticmethod
+    def _prefill(
+        q: torch.Tensor, kv_cache: torch.Tensor, s: SeqSpan, block_size: int, scale: float, window: int | None
+    ) -> torch.Tensor:
+        # q: [query_len, heads, head_dim]
+        nblocks = -(-s.context_len // block_size)
+        table = torch.tensor(s.block_table[:nblocks], dtype=torch.long, device=q.device)
+        keys = kv_cache[0][table].flatten(0, 1)[: s.context_len]  # [context, kv_heads, d]
+        values = kv_cache[1][table].flatten(0, 1)[: s.context_len]
+        start = s.context_len - s.query_len
+        mask = None
+        causal = start == 0 and window is None
+        if not causal:
+            qpos = torch.arange(start, s.context_len, device=q.device)[:, None]
+            kpos = torch.arange(s.context_len, device=q.device)[None, :]
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= kpos > qpos - window
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],  # [1, heads, q, d]
+            keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None],
+            attn_mask=None if mask is None else mask[None, None],
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out[0].transpose(0, 1)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store this step's keys and values at their cache slots."""
+    flat = kv_cache.flatten(1, 2)  # [2, slots, kv_heads, d]
+    flat[0].index_copy_(0, slots, k.to(flat.dtype))
+    flat[1].index_copy_(0, slots, v.to(flat.dtype))
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    """What a model forward needs besides tokens and positions: the step's attention view."""
+
+    meta: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # one per layer of this rank
+    backend: AttentionBackend
