@@ -26,7 +26,7 @@ from shardserve.engine.request import (
 )
 from shardserve.engine.scheduler import Scheduler
 from shardserve.models.arch import ArchConfig
-from shardserve.models.registry import model_class
+from shardserve.models.registry import parse_arch
 from shardserve.workers.executor import Executor, LocalExecutor
 from shardserve.workers.worker import Worker
 
@@ -45,8 +45,7 @@ class LLMEngine:
 
         self.config = config
         checkpoint = open_checkpoint(config.model.path or default_model_path(), config.model.tokenizer)
-        self.arch = ArchConfig.from_hf(checkpoint.config)
-        model_class(self.arch)  # unsupported architectures fail before any weight is read
+        self.arch = parse_arch(checkpoint.config)  # unsupported architectures fail before any weight is read
         self.tokenizer = checkpoint.load_tokenizer()
         self.max_model_len = min(self.arch.max_position_embeddings, config.model.max_model_len or 1 << 62)
         worker = Worker(checkpoint, self.arch, config.model, config.cache, self.max_model_len)

@@ -5,7 +5,8 @@ Each parallel layer owns its shard of the weights and its collective:
 - RowParallelLinear: input dim split; all-reduce of the partial products in `forward`.
 - VocabParallelEmbedding: vocab split; out-of-shard ids give zeros; all-reduce.
 - ParallelLMHead: vocab split; all-gather of the logits.
-Weights are loaded from full (unsplit) checkpoint tensors by `weight_loader(param, tensor, shard)`.
+Every parameter knows its rank's slice of a full checkpoint tensor (`shard_fn`), so the same code
+loads a full HF checkpoint at run time and cuts rank files at build time (`load_weight`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,31 @@ from torch import nn
 
 from shardserve.comm.base import Communicator, SingleRankCommunicator
 
-WeightLoader = Callable[[nn.Parameter, torch.Tensor, str | int | None], None]
+ShardFn = Callable[[torch.Tensor, str | int | None], torch.Tensor]
+PlaceFn = Callable[[nn.Parameter, torch.Tensor, str | int | None], None]
 
 
-def _param(*shape: int, loader: WeightLoader) -> nn.Parameter:
+def _replicate(loaded: torch.Tensor, shard: str | int | None) -> torch.Tensor:
+    return loaded
+
+
+def _copy_whole(param: nn.Parameter, part: torch.Tensor, shard: str | int | None) -> None:
+    param.data.copy_(part)
+
+
+def _param(*shape: int, shard: ShardFn = _replicate, place: PlaceFn = _copy_whole) -> nn.Parameter:
+    """A parameter that knows its rank's slice of a full checkpoint tensor (`shard_fn`) and where
+    a slice goes in it (`place_fn`); `load_weight` uses both, the builder only `shard_fn`."""
     p = nn.Parameter(torch.empty(*shape), requires_grad=False)
-    p.weight_loader = loader  # type: ignore[attr-defined]
+    p.shard_fn = shard  # type: ignore[attr-defined]
+    p.place_fn = place  # type: ignore[attr-defined]
     return p
+
+
+def load_weight(param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None, presharded: bool = False) -> None:
+    """Copy a checkpoint tensor (full, or this rank's slice when `presharded`) into `param`."""
+    part = loaded if presharded else param.shard_fn(loaded, shard)  # type: ignore[attr-defined]
+    param.place_fn(param, part, shard)  # type: ignore[attr-defined]
 
 
 def _split(size: int, world: int, what: str) -> int:
@@ -34,33 +53,44 @@ def _split(size: int, world: int, what: str) -> int:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x Wᵀ + b with W's rows (outputs) split over ranks; the output stays sharded."""
+    """y = x Wᵀ + b with W's rows (outputs) split over ranks; the output stays sharded.
+
+    `out_sizes` lists the parts fused in this layer (e.g. gate and up); each is split on its own."""
 
     def __init__(self, in_features: int, out_sizes: Sequence[int], bias: bool, comm: Communicator | None = None):
         super().__init__()
         self.comm = comm or SingleRankCommunicator()
         world = self.comm.world_size
-        self.full_sizes = list(out_sizes)
         self.local_sizes = [_split(s, world, "output size") for s in out_sizes]
-        self.weight = _param(sum(self.local_sizes), in_features, loader=self.weight_loader)
-        self.bias = _param(sum(self.local_sizes), loader=self.weight_loader) if bias else None
+        out = sum(self.local_sizes)
+        self.weight = _param(out, in_features, shard=self.shard_rows, place=self.place_rows)
+        self.bias = _param(out, shard=self.shard_rows, place=self.place_rows) if bias else None
 
-    def shard_range(self, shard: int) -> tuple[int, int, int]:
-        """(offset in this rank's param, start in the full tensor, length) of output part `shard`."""
-        offset = sum(self.local_sizes[:shard])
-        size = self.local_sizes[shard]
-        return offset, self.comm.rank * size, size
+    def part_index(self, shard: str | int | None) -> int:
+        return int(shard or 0)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None) -> None:
-        offset, start, size = self.shard_range(int(shard or 0))
-        param.data[offset : offset + size].copy_(loaded[start : start + size])
+    def source_rank(self, part: int) -> int:
+        """Which slice of the full part this rank holds."""
+        return self.comm.rank
+
+    def shard_rows(self, loaded: torch.Tensor, shard: str | int | None) -> torch.Tensor:
+        part = self.part_index(shard)
+        size = self.local_sizes[part]
+        start = self.source_rank(part) * size
+        return loaded[start : start + size]
+
+    def place_rows(self, param: nn.Parameter, rows: torch.Tensor, shard: str | int | None) -> None:
+        part = self.part_index(shard)
+        offset = sum(self.local_sizes[:part])
+        param.data[offset : offset + self.local_sizes[part]].copy_(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused q/k/v projection, split by heads; KV heads are replicated when tp > num_kv_heads."""
+    """Fused q/k/v projection (shards "q", "k", "v"), split by heads; KV heads are replicated
+    when tp > num_kv_heads (rank r then holds kv head r // (tp / num_kv_heads))."""
 
     def __init__(
         self,
@@ -84,16 +114,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
         super().__init__(hidden, [q * world, kv * world, kv * world], bias, comm)
 
-    def shard_range(self, shard: int) -> tuple[int, int, int]:
-        offset = sum(self.local_sizes[:shard])
-        size = self.local_sizes[shard]
-        rank = self.comm.rank if shard == 0 else self.comm.rank // self.kv_replicas
-        return offset, rank * size, size
+    def part_index(self, shard: str | int | None) -> int:
+        return {"q": 0, "k": 1, "v": 2}[str(shard)]
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None) -> None:
-        index = {"q": 0, "k": 1, "v": 2}[str(shard)]
-        offset, start, size = self.shard_range(index)
-        param.data[offset : offset + size].copy_(loaded[start : start + size])
+    def source_rank(self, part: int) -> int:
+        return self.comm.rank if part == 0 else self.comm.rank // self.kv_replicas
 
 
 class RowParallelLinear(nn.Module):
@@ -103,16 +128,12 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.comm = comm or SingleRankCommunicator()
         self.in_local = _split(in_features, self.comm.world_size, "input size")
-        self.weight = _param(out_features, self.in_local, loader=self.weight_loader)
-        self.bias = _param(out_features, loader=self._bias_loader) if bias else None
+        self.weight = _param(out_features, self.in_local, shard=self.shard_columns)
+        self.bias = _param(out_features) if bias else None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None) -> None:
+    def shard_columns(self, loaded: torch.Tensor, shard: str | int | None) -> torch.Tensor:
         start = self.comm.rank * self.in_local
-        param.data.copy_(loaded[:, start : start + self.in_local])
-
-    @staticmethod
-    def _bias_loader(param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None) -> None:
-        param.data.copy_(loaded)
+        return loaded[:, start : start + self.in_local]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.linear(x, self.weight)
@@ -122,18 +143,23 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
+    """Rows split in ceil(vocab / tp) blocks; the last rank's block is zero-padded."""
+
     def __init__(self, vocab_size: int, hidden: int, comm: Communicator | None = None):
         super().__init__()
         self.comm = comm or SingleRankCommunicator()
         self.vocab_size = vocab_size
         self.per_rank = math.ceil(vocab_size / self.comm.world_size)
         self.start = self.comm.rank * self.per_rank
-        self.weight = _param(self.per_rank, hidden, loader=self.weight_loader)
+        self.weight = _param(self.per_rank, hidden, shard=self.shard_vocab, place=self.place_vocab)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None) -> None:
-        part = loaded[self.start : self.start + self.per_rank]
+    def shard_vocab(self, loaded: torch.Tensor, shard: str | int | None) -> torch.Tensor:
+        return loaded[self.start : self.start + self.per_rank]
+
+    @staticmethod
+    def place_vocab(param: nn.Parameter, rows: torch.Tensor, shard: str | int | None) -> None:
         param.data.zero_()
-        param.data[: part.shape[0]].copy_(part)
+        param.data[: rows.shape[0]].copy_(rows)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.comm.world_size == 1:
@@ -150,7 +176,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden: int, bias: bool = False, comm: Communicator | None = None):
         super().__init__(vocab_size, hidden, comm)
-        self.bias = _param(self.per_rank, loader=self.weight_loader) if bias else None
+        self.bias = _param(self.per_rank, shard=self.shard_vocab, place=self.place_vocab) if bias else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         logits = nn.functional.linear(hidden, self.weight, self.bias)
@@ -165,7 +191,7 @@ class RMSNorm(nn.Module):
     def __init__(self, hidden: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = _param(hidden, loader=_copy_loader)
+        self.weight = _param(hidden)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -180,10 +206,48 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, residual)
 
 
-def _copy_loader(param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None) -> None:
-    param.data.copy_(loaded)
+class LayerNorm(nn.Module):
+    """LayerNorm (optional bias) with the same `forward(x, residual)` contract as RMSNorm."""
+
+    def __init__(self, hidden: int, eps: float, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(hidden)
+        self.bias = _param(hidden) if bias else None
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = x + residual
+            residual = x
+        out = nn.functional.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        return out if residual is None else (out, residual)
 
 
-def default_loader(param: nn.Parameter, loaded: torch.Tensor, shard: str | int | None = None) -> None:
-    """The loader of a parameter, or a plain copy for parameters without one."""
-    getattr(param, "weight_loader", _copy_loader)(param, loaded, shard)
+class ReplicatedEmbedding(nn.Module):
+    """A table every rank holds whole (learned absolute positions)."""
+
+    def __init__(self, num: int, hidden: int):
+        super().__init__()
+        self.weight = _param(num, hidden)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al.): a geometric series, interleaved for non-powers of two."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != num_heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** (2 * i + 1) for i in range(num_heads - closest)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def local_heads(values: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """This rank's slice of a per-head tensor."""
+    n = values.shape[0] // comm.world_size
+    return values[comm.rank * n : (comm.rank + 1) * n]

@@ -6,13 +6,12 @@ Out: hidden states [tokens, hidden]; `compute_logits` maps the sampled rows to t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
 from shardserve.comm.base import Communicator, SingleRankCommunicator
 from shardserve.models.arch import ArchConfig
+from shardserve.models.base import CausalLM, Stage
 from shardserve.models.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -20,7 +19,6 @@ from shardserve.models.layers import (
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
-    default_loader,
 )
 from shardserve.models.rotary import RotaryEmbedding
 from shardserve.workers.attention import ForwardContext
@@ -97,31 +95,45 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ArchConfig, comm: Communicator, max_positions: int):
+    def __init__(self, arch: ArchConfig, comm: Communicator, max_positions: int, stage: Stage):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, comm)
+        self.stage = stage
+        if stage.is_first:
+            self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, comm)
         rotary = RotaryEmbedding(arch.head_dim, arch.head_dim, max_positions, arch.rope)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, i, comm, rotary) for i in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.norm_eps)
+        # Global layer indices as ModuleDict keys, so parameter names match the checkpoint's.
+        self.layers = nn.ModuleDict(
+            {str(i): LlamaDecoderLayer(arch, i - stage.start, comm, rotary) for i in range(stage.start, stage.end)}
+        )
+        if stage.is_last:
+            self.norm = RMSNorm(arch.hidden_size, arch.norm_eps)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(ids)
         residual = None
-        for layer in self.layers:
+        for layer in self.layers.values():
             x, residual = layer(positions, x, residual, ctx)
         x, _ = self.norm(x, residual)
         return x
 
 
-class LlamaForCausalLM(nn.Module):
-    def __init__(self, arch: ArchConfig, comm: Communicator | None = None, max_positions: int | None = None):
-        super().__init__()
+class LlamaForCausalLM(CausalLM):
+    STACKED = STACKED
+
+    def __init__(
+        self,
+        arch: ArchConfig,
+        comm: Communicator | None = None,
+        max_positions: int | None = None,
+        stage: Stage | None = None,
+    ):
+        super().__init__(arch, stage)
         comm = comm or SingleRankCommunicator()
-        self.arch = arch
-        self.model = LlamaModel(arch, comm, max_positions or arch.max_position_embeddings)
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, comm=comm)
-        if arch.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model = LlamaModel(arch, comm, max_positions or arch.max_position_embeddings, self.stage)
+        if self.stage.is_last:
+            self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, comm=comm)
+            if arch.tie_word_embeddings and self.stage.is_first:
+                self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # ids, positions: [tokens] -> hidden [tokens, hidden]
@@ -129,21 +141,3 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [rows, vocab]
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors into this rank's parameters; returns the parameter names loaded."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.arch.tie_word_embeddings):
-                continue
-            target, shard = name, None
-            for hf_part, (ours, shard_id) in STACKED.items():
-                if hf_part in name:
-                    target, shard = name.replace(hf_part, ours), shard_id
-                    break
-            if target not in params:
-                raise KeyError(f"checkpoint tensor {name!r} has no place in {self.arch.architecture}")
-            default_loader(params[target], tensor, shard)
-            loaded.add(target)
-        return loaded

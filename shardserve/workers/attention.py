@@ -62,10 +62,12 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] → [tokens, heads, head_dim].
 
-        Writes k, v into `kv_cache` at `meta.slot_mapping` first."""
+        Writes k, v into `kv_cache` at `meta.slot_mapping` first. `alibi_slopes` [heads] adds
+        slope · (key position − query position) to the scores."""
         ...
 
 
@@ -81,21 +83,23 @@ class TorchAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
+        bias = _Bias(sliding_window, alibi_slopes)
         if meta.decode_rows:
-            out[meta.decode_tokens] = self._decode(q[meta.decode_tokens], kv_cache, meta, scale, sliding_window)
+            out[meta.decode_tokens] = self._decode(q[meta.decode_tokens], kv_cache, meta, scale, bias)
         decode = set(meta.decode_rows)
         for i, s in enumerate(meta.seqs):
             if i not in decode:
                 sl = slice(s.query_start, s.query_start + s.query_len)
-                out[sl] = self._prefill(q[sl], kv_cache, s, meta.block_size, scale, sliding_window)
+                out[sl] = self._prefill(q[sl], kv_cache, s, meta.block_size, scale, bias)
         return out
 
     @staticmethod
     def _decode(
-        q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int | None
+        q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, bias: _Bias
     ) -> torch.Tensor:
         # q: [decodes, heads, head_dim]
         tables = meta.decode_block_tables
@@ -103,16 +107,14 @@ class TorchAttentionBackend:
         n, width = tables.shape
         keys = kv_cache[0][tables].reshape(n, width * meta.block_size, *kv_cache.shape[-2:])
         values = kv_cache[1][tables].reshape(n, width * meta.block_size, *kv_cache.shape[-2:])
-        pos = torch.arange(width * meta.block_size, device=q.device)[None, :]
-        lens = meta.decode_context_lens[:, None]
-        mask = pos < lens
-        if window is not None:
-            mask &= pos >= lens - window
+        kpos = torch.arange(width * meta.block_size, device=q.device)[None, None, :]  # [1, 1, L]
+        qpos = meta.decode_context_lens[:, None, None] - 1  # [n, 1, 1]
+        mask = bias.mask(qpos, kpos, q.dtype)  # [n, 1 or heads, 1, L]
         out = F.scaled_dot_product_attention(
             q[:, :, None, :],  # [n, heads, 1, d]
             keys.transpose(1, 2),  # [n, kv_heads, L, d]
             values.transpose(1, 2),
-            attn_mask=mask[:, None, None, :],
+            attn_mask=mask,
             scale=scale,
             enable_gqa=True,
         )
@@ -120,7 +122,7 @@ class TorchAttentionBackend:
 
     @staticmethod
     def _prefill(
-        q: torch.Tensor, kv_cache: torch.Tensor, s: SeqSpan, block_size: int, scale: float, window: int | None
+        q: torch.Tensor, kv_cache: torch.Tensor, s: SeqSpan, block_size: int, scale: float, bias: _Bias
     ) -> torch.Tensor:
         # q: [query_len, heads, head_dim]
         nblocks = -(-s.context_len // block_size)
@@ -129,23 +131,44 @@ class TorchAttentionBackend:
         values = kv_cache[1][table].flatten(0, 1)[: s.context_len]
         start = s.context_len - s.query_len
         mask = None
-        causal = start == 0 and window is None
+        causal = start == 0 and bias.plain
         if not causal:
-            qpos = torch.arange(start, s.context_len, device=q.device)[:, None]
-            kpos = torch.arange(s.context_len, device=q.device)[None, :]
-            mask = kpos <= qpos
-            if window is not None:
-                mask &= kpos > qpos - window
+            qpos = torch.arange(start, s.context_len, device=q.device)[None, :, None]  # [1, q, 1]
+            kpos = torch.arange(s.context_len, device=q.device)[None, None, :]  # [1, 1, k]
+            mask = bias.mask(qpos, kpos, q.dtype)[0][None]  # [1, 1 or heads, q, k]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],  # [1, heads, q, d]
             keys.transpose(0, 1)[None],
             values.transpose(0, 1)[None],
-            attn_mask=None if mask is None else mask[None, None],
+            attn_mask=mask,
             is_causal=causal,
             scale=scale,
             enable_gqa=True,
         )
         return out[0].transpose(0, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Bias:
+    """Causal mask, optionally windowed, optionally with ALiBi, as an SDPA `attn_mask`."""
+
+    window: int | None
+    alibi_slopes: torch.Tensor | None
+
+    @property
+    def plain(self) -> bool:
+        return self.window is None and self.alibi_slopes is None
+
+    def mask(self, qpos: torch.Tensor, kpos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """qpos [n, q, 1], kpos [1, 1, k] → bool [n, 1, q, k] or float [n, heads, q, k]."""
+        allowed = kpos <= qpos
+        if self.window is not None:
+            allowed = allowed & (kpos > qpos - self.window)
+        if self.alibi_slopes is None:
+            return allowed[:, None]
+        rel = (kpos - qpos).to(torch.float32)[:, None]  # [n, 1, q, k]
+        scores = self.alibi_slopes.to(qpos.device)[None, :, None, None] * rel
+        return scores.masked_fill(~allowed[:, None], float("-inf")).to(dtype)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
