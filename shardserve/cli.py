@@ -1,9 +1,11 @@
-"""`shardserve` command line. Today: `generate` (the launch post's run.py).
+"""`shardserve` command line: `generate` (the launch post's run.py), `build`, `inspect`.
 
+    shardserve build --model-dir HF_DIR|FILE.gguf --output-dir ENGINE_DIR [--tp N] [--pp M] [--quantization fp8]
+    shardserve inspect ENGINE_DIR
     shardserve generate [--model-dir PATH] --input-text "How do I count to nine in French?" --max-output-len 100
     shardserve generate --model-dir PATH --batch-file prompts.txt --temperature 0.8 --seed 1
 
-PATH is a Hugging Face directory or a .gguf file (default: the bundled SmolLM2 demo model).
+PATH is a Hugging Face directory, a .gguf file or an engine directory (default: the bundled SmolLM2).
 Problems with the model or the request are one line on stderr and exit status 2.
 """
 
@@ -42,6 +44,48 @@ def _generate_parser(sub: Any) -> None:
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
     p.set_defaults(func=cmd_generate)
+
+
+def _build_parser(sub: Any) -> None:
+    p = sub.add_parser("build", help="build an engine directory: one safetensors file per rank")
+    p.add_argument("--model-dir", required=True, help="HF checkpoint dir or .gguf file")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    p.add_argument("--quantization", choices=["none", "fp8", "int8_weight_only"], default="none")
+    p.add_argument("--max-batch-size", type=int, default=None)
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.set_defaults(func=cmd_build)
+    q = sub.add_parser("inspect", help="show an engine's config and per-rank tensors")
+    q.add_argument("engine_dir")
+    q.add_argument("--tensors", action="store_true", help="list every tensor of every rank")
+    q.set_defaults(func=cmd_inspect)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from shardserve.builder.build import BuildOptions, build_engine
+
+    options = BuildOptions(
+        tp=args.tp,
+        pp=args.pp,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        max_batch_size=args.max_batch_size,
+        max_seq_len=args.max_seq_len,
+    )
+    info = build_engine(args.model_dir, args.output_dir, options)
+    size = sum(r["bytes"] for r in info.ranks)
+    print(f"built {info.architecture} engine: tp={info.tp} pp={info.pp} {info.dtype} "
+          f"quantization={info.quantization}, {len(info.ranks)} rank files, {size / 2**20:.1f} MiB → {args.output_dir}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from shardserve.builder.inspect import describe_engine
+
+    print(describe_engine(Path(args.engine_dir), list_tensors=args.tensors))
+    return 0
 
 
 def _config(args: argparse.Namespace) -> DeploymentConfig:
@@ -107,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shardserve", description="distributed LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _build_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

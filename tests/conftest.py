@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.checkpoints import make_checkpoint
+from tests.checkpoints import LLAMA_RECIPES, Checkpoints
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -23,12 +23,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Any]]:
-    """`tiny_checkpoint("llama")` -> (dir, transformers model), cached per family."""
-    cache: dict[str, tuple[Path, Any]] = {}
-
-    def get(family: str) -> tuple[Path, Any]:
-        if family not in cache:
-            cache[family] = make_checkpoint(tmp_path_factory.mktemp(family), family)
-        return cache[family]
-
-    return get
+    """`tiny_checkpoint("llama")` -> (dir, transformers model), made once per session (shared with
+    tests/models/test_llama.py and tests/builder/test_build_families.py)."""
+    return Checkpoints(tmp_path_factory, "llama", LLAMA_RECIPES)

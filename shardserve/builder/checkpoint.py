@@ -1,4 +1,4 @@
-"""Reading checkpoints: a Hugging Face directory or a GGUF file.
+"""Reading checkpoints: a Hugging Face directory, a GGUF file, or an engine directory.
 
 In: a path. Out: the HF-style config dict, a stream of (HF name, tensor) one tensor at a
 time, and the tokenizer. Problems (missing files, truncated safetensors, no tokenizer) are
@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from shardserve.builder.errors import CheckpointError
+from shardserve.builder.engine_dir import EngineInfo, is_engine_dir, rank_file, read_engine_info
+from shardserve.builder.safetensors_io import iter_tensors, tensor_specs
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -26,14 +28,33 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 class Checkpoint:
     path: Path
     config: dict[str, Any]
-    weight_files: tuple[Path, ...]  # safetensors / bin shards, or the one GGUF file
+    weight_files: tuple[Path, ...]  # safetensors / bin shards, the one GGUF file, or an engine's rank files
     tokenizer_path: Path | None = None
+    engine: EngineInfo | None = None  # set for an engine directory built by `shardserve build`
 
     @property
     def is_gguf(self) -> bool:
         return self.path.suffix == ".gguf"
 
+    def iter_rank_tensors(self, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """An engine's rank file: canonical tensors already cut for that rank."""
+        if self.engine is None:
+            raise CheckpointError(f"{self.path}: not an engine directory")
+        yield from iter_tensors(self.path / rank_file(rank))
+
+    def iter_tensor_specs(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The source tensors as meta tensors (shapes and dtypes, no data), in `iter_tensors` order."""
+        if self.is_gguf or any(f.suffix != ".safetensors" for f in self.weight_files):
+            for name, tensor in self.iter_tensors():
+                yield name, torch.empty_like(tensor, device="meta")
+            return
+        for file in self.weight_files:
+            for spec in tensor_specs(file):
+                yield spec.name, torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.engine is not None:
+            raise CheckpointError(f"{self.path}: an engine directory is read rank by rank")
         if self.is_gguf:
             from shardserve.builder.gguf import iter_gguf_tensors
 
@@ -63,6 +84,12 @@ def open_checkpoint(path: str | Path, tokenizer: str | Path | None = None) -> Ch
         from shardserve.builder.gguf import read_gguf_config
 
         return Checkpoint(path, read_gguf_config(path), (path,), tok)
+    if is_engine_dir(path):
+        info = read_engine_info(path)
+        files = tuple(path / rank_file(r) for r in range(info.world_size))
+        if tok is None and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise CheckpointError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        return Checkpoint(path, info.hf_config, files, tok, info)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
@@ -116,11 +143,7 @@ def check_safetensors(file: Path) -> None:
 
 def _iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        yield from iter_tensors(file)
         return
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)

@@ -64,3 +64,16 @@ class SingleRankCommunicator:
 
     def barrier(self, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         return None
+
+
+class ShapeOnlyCommunicator(SingleRankCommunicator):
+    """Rank `rank` of a world of `world_size`, for building models that are never run (shard planning)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+
+    def all_reduce(self, tensor: torch.Tensor, timeout: float = DEFAULT_TIMEOUT_S) -> torch.Tensor:
+        raise RuntimeError("a shape-only communicator cannot run collectives")
+
+    all_gather = broadcast = all_reduce  # type: ignore[assignment]

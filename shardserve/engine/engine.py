@@ -47,7 +47,8 @@ class LLMEngine:
         checkpoint = open_checkpoint(config.model.path or default_model_path(), config.model.tokenizer)
         self.arch = parse_arch(checkpoint.config)  # unsupported architectures fail before any weight is read
         self.tokenizer = checkpoint.load_tokenizer()
-        self.max_model_len = min(self.arch.max_position_embeddings, config.model.max_model_len or 1 << 62)
+        limits = [self.arch.max_position_embeddings, config.model.max_model_len, _engine_max_len(checkpoint)]
+        self.max_model_len = min(n for n in limits if n)
         worker = Worker(checkpoint, self.arch, config.model, config.cache, self.max_model_len)
         self.executor: Executor = LocalExecutor(worker)
         self.kv_cache = KVCacheManager(
@@ -241,3 +242,7 @@ def _eos_token_ids(checkpoint: Checkpoint, arch: ArchConfig, tokenizer: Any) -> 
         return frozenset(arch.eos_token_ids)
     eos = getattr(tokenizer, "eos_token_id", None)
     return frozenset([eos]) if eos is not None else frozenset()
+
+
+def _engine_max_len(checkpoint: Checkpoint) -> int | None:
+    return checkpoint.engine.max_seq_len if checkpoint.engine is not None else None

@@ -114,7 +114,7 @@ class CausalLM(nn.Module):
 
         `presharded`: tensors are canonical and already cut for this rank (an engine rank file)."""
         params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
+        shards: dict[str, set[str | int | None]] = {}
         stream = weights if presharded else self.canonical_tensors(weights)
         for name, tensor in stream:
             target = self.weight_target(name)
@@ -124,5 +124,11 @@ class CausalLM(nn.Module):
             if param_name not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {self.arch.architecture}")
             load_weight(params[param_name], tensor, shard, presharded)
-            loaded.add(param_name)
-        return loaded
+            shards.setdefault(param_name, set()).add(shard)
+        # A fused parameter counts as loaded only once every part arrived.
+        return {name for name, got in shards.items() if self._stacked_parts(name) <= got}
+
+    def _stacked_parts(self, param_name: str) -> set[str | int | None]:
+        """The shard ids a fused parameter is loaded from ({None} for an unfused one)."""
+        parts = {shard for ours, shard in self.STACKED.values() if ours in param_name}
+        return parts or {None}

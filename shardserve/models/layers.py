@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from shardserve.comm.base import Communicator, SingleRankCommunicator
+from shardserve.models.quantization import quantized_linear
 
 ShardFn = Callable[[torch.Tensor, str | int | None], torch.Tensor]
 PlaceFn = Callable[[nn.Parameter, torch.Tensor, str | int | None], None]
@@ -44,6 +45,15 @@ def load_weight(param: nn.Parameter, loaded: torch.Tensor, shard: str | int | No
     """Copy a checkpoint tensor (full, or this rank's slice when `presharded`) into `param`."""
     part = loaded if presharded else param.shard_fn(loaded, shard)  # type: ignore[attr-defined]
     param.place_fn(param, part, shard)  # type: ignore[attr-defined]
+
+
+def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ (+ b), through the quantized matmul when the layer was quantized."""
+    scale = getattr(layer, "weight_scale", None)
+    if scale is None:
+        return nn.functional.linear(x, layer.weight, bias)
+    y = quantized_linear(x, layer.weight, scale)
+    return y if bias is None else y + bias
 
 
 def _split(size: int, world: int, what: str) -> int:
@@ -85,7 +95,7 @@ class ColumnParallelLinear(nn.Module):
         param.data[offset : offset + self.local_sizes[part]].copy_(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return _linear(self, x, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -114,6 +124,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
         super().__init__(hidden, [q * world, kv * world, kv * world], bias, comm)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [tokens, hidden] → q [tokens, heads, head_dim], k and v [tokens, kv_heads, head_dim]."""
+        q, k, v = self(x).split(self.local_sizes, dim=-1)
+        d = self.head_dim
+        return q.view(-1, self.num_heads, d), k.view(-1, self.num_kv_heads, d), v.view(-1, self.num_kv_heads, d)
+
     def part_index(self, shard: str | int | None) -> int:
         return {"q": 0, "k": 1, "v": 2}[str(shard)]
 
@@ -136,7 +152,7 @@ class RowParallelLinear(nn.Module):
         return loaded[:, start : start + self.in_local]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight)
+        y = _linear(self, x, None)
         if self.comm.world_size > 1:
             y = self.comm.all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -50,14 +50,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # x: [tokens, hidden]
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.heads, self.head_dim)  # [tokens, heads, head_dim]
-        k = k.view(-1, self.kv_heads, self.head_dim)  # [tokens, kv_heads, head_dim]
-        v = v.view(-1, self.kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj.project(x)  # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]
         q, k = self.rotary(positions, q, k)
         out = ctx.backend.forward(q, k, v, ctx.kv_caches[self.layer], ctx.meta, self.scale, self.window)
-        return self.o_proj(out.reshape(-1, q_size))
+        return self.o_proj(out.flatten(1))
 
 
 class LlamaMLP(nn.Module):

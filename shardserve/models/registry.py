@@ -13,6 +13,16 @@ ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama:LlamaForCausalLM",
     "MistralForCausalLM": "llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "llama:LlamaForCausalLM",
+    "GPT2LMHeadModel": "gpt2:GPT2LMHeadModel",
+    "GPTBigCodeForCausalLM": "gpt_bigcode:GPTBigCodeForCausalLM",
+    "FalconForCausalLM": "falcon:FalconForCausalLM",
+    "MptForCausalLM": "mpt:MptForCausalLM",
+    "MPTForCausalLM": "mpt:MptForCausalLM",
+    "GlmForCausalLM": "glm:GlmForCausalLM",
+    "ChatGLMModel": "chatglm:ChatGLMForCausalLM",
+    "ChatGLMForConditionalGeneration": "chatglm:ChatGLMForCausalLM",
+    "BaichuanForCausalLM": "baichuan:BaichuanForCausalLM",
+    "BaiChuanForCausalLM": "baichuan:BaichuanForCausalLM",
 }
 
 

@@ -1,4 +1,9 @@
-"""Rotary position embeddings (rotate-half layout) with the HF `rope_parameters` scalings."""
+"""Rotary position embeddings with the HF `rope_parameters` scalings.
+
+Two layouts of the rotated pairs inside a head's first `rotary_dim` dims:
+- rotate-half (GPT-NeoX / Llama, the default): dim i pairs with dim i + rotary_dim / 2;
+- interleaved (GPT-J / GLM / ChatGLM, `interleaved=True`): dims (0, 1), (2, 3), ... are the pairs.
+"""
 
 from __future__ import annotations
 
@@ -39,15 +44,24 @@ def _llama3(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rotary embeddings to the first `rotary_dim` dims of each q/k head."""
+    """Applies rotary embeddings to the first `rotary_dim` dims of each q/k head (the rest pass through)."""
 
-    def __init__(self, head_dim: int, rotary_dim: int, max_positions: int, params: dict[str, Any]):
+    def __init__(
+        self,
+        head_dim: int,
+        rotary_dim: int,
+        max_positions: int,
+        params: dict[str, Any],
+        interleaved: bool = False,
+    ):
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = rotary_dim
+        self.interleaved = interleaved
         inv_freq = inverse_frequencies(rotary_dim, params)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [positions, rotary_dim]
+        # [positions, rotary_dim]: pair j's angle at dims (2j, 2j+1) or (j, j + rotary_dim / 2)
+        emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
@@ -55,15 +69,21 @@ class RotaryEmbedding(nn.Module):
         # positions: [tokens]; q: [tokens, heads, head_dim]; k: [tokens, kv_heads, head_dim]
         cos = self.cos[positions].to(q.dtype)[:, None, :]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        turn = _rotate_pairs if self.interleaved else _rotate_half
         if self.rotary_dim == self.head_dim:
-            return x * cos + _rotate_half(x) * sin
+            return x * cos + turn(x) * sin
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+        return torch.cat((rot * cos + turn(rot) * sin, rest), dim=-1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)

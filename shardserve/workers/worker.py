@@ -11,6 +11,7 @@ from shardserve.comm.base import Communicator, SingleRankCommunicator
 from shardserve.config import CacheConfig, ModelConfig
 from shardserve.engine.sampler import Sampler
 from shardserve.models.arch import ArchConfig
+from shardserve.models.quantization import quantize_linears
 from shardserve.models.registry import model_class
 from shardserve.workers.attention import TorchAttentionBackend
 from shardserve.workers.model_runner import ModelRunner
@@ -26,7 +27,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, arch: ArchConfig, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, arch: ArchConfig, device: torch.device, engine_dtype: str | None = None) -> torch.dtype:
+    if engine_dtype is not None:  # an engine's weights are stored in their run dtype
+        if name not in ("auto", engine_dtype):
+            raise CheckpointError(f"the engine was built for {engine_dtype}; model.dtype asks for {name}")
+        return DTYPES[engine_dtype]
     if name != "auto":
         return DTYPES[name]
     if device.type == "cpu":
@@ -37,17 +42,28 @@ def resolve_dtype(name: str, arch: ArchConfig, device: torch.device) -> torch.dt
 def load_model(
     checkpoint: Checkpoint, arch: ArchConfig, device: torch.device, dtype: torch.dtype, comm: Communicator, max_len: int
 ) -> nn.Module:
+    """Build this rank's model and fill it: from the full checkpoint, or from its engine rank file."""
     cls = model_class(arch)
+    engine = checkpoint.engine
+    if engine is not None and engine.world_size != comm.world_size:
+        raise CheckpointError(
+            f"{checkpoint.path}: engine built for tp={engine.tp} × pp={engine.pp} = {engine.world_size} ranks; "
+            f"this run has {comm.world_size}"
+        )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             model = cls(arch, comm, max_len)
+            if engine is not None and engine.quantization != "none":
+                quantize_linears(model, engine.quantization)
     finally:
         torch.set_default_dtype(previous)
-    loaded = model.load_weights(checkpoint.iter_tensors())
-    expected = {name for name, _ in model.named_parameters()}
-    missing = sorted(expected - loaded)
+    if engine is not None:
+        loaded = model.load_weights(checkpoint.iter_rank_tensors(comm.rank), presharded=True)
+    else:
+        loaded = model.load_weights(checkpoint.iter_tensors())
+    missing = sorted({name for name, _ in model.named_parameters()} - loaded)
     if missing:
         raise CheckpointError(f"{checkpoint.path}: missing tensors: {', '.join(missing[:5])}")
     return model.eval()
@@ -86,7 +102,8 @@ class Worker:
         comm: Communicator | None = None,
     ) -> None:
         self.device = resolve_device(model_config.device)
-        self.dtype = resolve_dtype(model_config.dtype, arch, self.device)
+        engine_dtype = checkpoint.engine.dtype if checkpoint.engine is not None else None
+        self.dtype = resolve_dtype(model_config.dtype, arch, self.device, engine_dtype)
         comm = comm or SingleRankCommunicator()
         model = load_model(checkpoint, arch, self.device, self.dtype, comm, max_len)
         self.num_blocks = num_kv_blocks(cache, arch, self.device, self.dtype)
