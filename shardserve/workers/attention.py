@@ -86,16 +86,39 @@ class TorchAttentionBackend:
         alibi_slopes: torch.Tensor | None = None,
     ) -> torch.Tensor:
         write_kv(kv_cache, k, v, meta.slot_mapping)
-        out = torch.empty_like(q)
         bias = _Bias(sliding_window, alibi_slopes)
+        if len(meta.decode_rows) == len(meta.seqs):  # a pure decode step: rows are in batch order
+            return self._decode(q, kv_cache, meta, scale, bias)
+        out = torch.empty_like(q)
         if meta.decode_rows:
             out[meta.decode_tokens] = self._decode(q[meta.decode_tokens], kv_cache, meta, scale, bias)
         decode = set(meta.decode_rows)
+        fresh: dict[int, list[SeqSpan]] = {}  # whole prompts by length: their k, v are all the context
         for i, s in enumerate(meta.seqs):
-            if i not in decode:
-                sl = slice(s.query_start, s.query_start + s.query_len)
-                out[sl] = self._prefill(q[sl], kv_cache, s, meta.block_size, scale, bias)
+            if i in decode:
+                continue
+            if s.context_len == s.query_len and bias.plain:
+                fresh.setdefault(s.query_len, []).append(s)
+                continue
+            sl = slice(s.query_start, s.query_start + s.query_len)
+            out[sl] = self._prefill(q[sl], kv_cache, s, meta.block_size, scale, bias)
+        for group in fresh.values():
+            self._fresh_prefill(q, k, v, out, group, scale)
         return out
+
+    @staticmethod
+    def _fresh_prefill(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, group: list[SeqSpan], scale: float
+    ) -> None:
+        """Causal attention of whole prompts of one length, batched, straight from this step's k, v."""
+        index = torch.cat([torch.arange(s.query_start, s.query_start + s.query_len) for s in group]).to(q.device)
+        n, length = len(group), group[0].query_len
+
+        def batch(x: torch.Tensor) -> torch.Tensor:  # [n·len, heads, d] -> [n, heads, len, d]
+            return x[index].view(n, length, *x.shape[1:]).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), is_causal=True, scale=scale, enable_gqa=True)
+        out[index] = o.transpose(1, 2).reshape(n * length, *q.shape[1:])
 
     @staticmethod
     def _decode(
@@ -105,8 +128,8 @@ class TorchAttentionBackend:
         tables = meta.decode_block_tables
         assert tables is not None and meta.decode_context_lens is not None
         n, width = tables.shape
-        keys = kv_cache[0][tables].reshape(n, width * meta.block_size, *kv_cache.shape[-2:])
-        values = kv_cache[1][tables].reshape(n, width * meta.block_size, *kv_cache.shape[-2:])
+        keys = gather_blocks(kv_cache[0], tables.flatten()).view(n, width * meta.block_size, *kv_cache.shape[-2:])
+        values = gather_blocks(kv_cache[1], tables.flatten()).view(n, width * meta.block_size, *kv_cache.shape[-2:])
         kpos = torch.arange(width * meta.block_size, device=q.device)[None, None, :]  # [1, 1, L]
         qpos = meta.decode_context_lens[:, None, None] - 1  # [n, 1, 1]
         mask = bias.mask(qpos, kpos, q.dtype)  # [n, 1 or heads, 1, L]
@@ -127,8 +150,8 @@ class TorchAttentionBackend:
         # q: [query_len, heads, head_dim]
         nblocks = -(-s.context_len // block_size)
         table = torch.tensor(s.block_table[:nblocks], dtype=torch.long, device=q.device)
-        keys = kv_cache[0][table].flatten(0, 1)[: s.context_len]  # [context, kv_heads, d]
-        values = kv_cache[1][table].flatten(0, 1)[: s.context_len]
+        keys = gather_blocks(kv_cache[0], table).flatten(0, 1)[: s.context_len]  # [context, kv_heads, d]
+        values = gather_blocks(kv_cache[1], table).flatten(0, 1)[: s.context_len]
         start = s.context_len - s.query_len
         mask = None
         causal = start == 0 and bias.plain
@@ -169,6 +192,12 @@ class _Bias:
         rel = (kpos - qpos).to(torch.float32)[:, None]  # [n, 1, q, k]
         scores = self.alibi_slopes.to(qpos.device)[None, :, None, None] * rel
         return scores.masked_fill(~allowed[:, None], float("-inf")).to(dtype)
+
+
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """cache [blocks, block_size, kv_heads, d], ids [k] -> [k, block_size, kv_heads, d] (row copies)."""
+    rows = torch.index_select(cache.view(cache.shape[0], -1), 0, block_ids)
+    return rows.view(-1, *cache.shape[1:])
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
