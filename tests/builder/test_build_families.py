@@ -15,29 +15,11 @@ from pathlib import Path
 import pytest
 
 from shardserve.builder.build import BuildOptions, build_engine
-from tests.checkpoints import Checkpoints, Recipe, assert_greedy_matches, assert_rank_files_split_checkpoint
-from tests.models.test_baichuan import RECIPES as BAICHUAN
-from tests.models.test_chatglm import RECIPES as CHATGLM
-from tests.models.test_falcon import RECIPES as FALCON
-from tests.models.test_glm import RECIPES as GLM
-from tests.models.test_gpt2 import RECIPES as GPT2
-from tests.models.test_gpt_bigcode import RECIPES as GPT_BIGCODE
-from tests.models.test_llama import RECIPES as LLAMA
-from tests.models.test_mpt import RECIPES as MPT
+from tests.checkpoints import Checkpoints, assert_greedy_matches, assert_rank_files_split_checkpoint
+from tests.models.families import FAMILIES, VARIANTS, ids
 
 pytestmark = pytest.mark.timeout(300)
 
-FAMILIES: dict[str, dict[str, Recipe]] = {
-    "llama": LLAMA,
-    "gpt2": GPT2,
-    "gpt_bigcode": GPT_BIGCODE,
-    "falcon": FALCON,
-    "mpt": MPT,
-    "glm": GLM,
-    "chatglm": CHATGLM,
-    "baichuan": BAICHUAN,
-}
-VARIANTS = [(family, variant) for family, recipes in FAMILIES.items() for variant in recipes]
 # The variant split tp × pp: 4 heads, and where the family has one, a tied head (its source goes to
 # the first and the last stage) or fewer kv heads than tp (replicated on several ranks).
 SPLIT = {
@@ -58,7 +40,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Checkpoin
     return {family: Checkpoints(tmp_path_factory, family, recipes) for family, recipes in FAMILIES.items()}
 
 
-@pytest.mark.parametrize(("family", "variant"), VARIANTS, ids=[f"{f}-{v}" for f, v in VARIANTS])
+@pytest.mark.parametrize(("family", "variant"), VARIANTS, ids=ids(VARIANTS))
 def test_tp1_engine_dir_matches_reference(checkpoints, tmp_path: Path, family: str, variant: str) -> None:
     source, reference = checkpoints[family](variant)
     build_engine(source, tmp_path / "engine", BuildOptions(**OPTS))

@@ -22,10 +22,7 @@ from tests.checkpoints import (
     Checkpoints,
     Made,
     Recipe,
-    assert_greedy_matches,
-    assert_two_stages_split_checkpoint,
     make_model_checkpoint,
-    prompt_logits_error,
 )
 from tests.models.test_glm import GLM
 
@@ -120,20 +117,6 @@ RECIPES: dict[str, Recipe] = {variant: partial(make_chatglm, variant=variant) fo
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     return Checkpoints(tmp_path_factory, "chatglm", RECIPES)
-
-
-def test_greedy_tokens_equal_transformers_glm(checkpoint: Checkpoints) -> None:
-    assert_greedy_matches(*checkpoint("multi_query"))
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_prompt_logits_within_1e_4(checkpoint: Checkpoints, variant: str) -> None:
-    assert prompt_logits_error(*checkpoint(variant)) < 1e-4
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_two_stage_split_covers_the_checkpoint(checkpoint: Checkpoints, variant: str) -> None:
-    assert_two_stages_split_checkpoint(checkpoint(variant)[0])
 
 
 def test_config_chatglm3_6b() -> None:

@@ -16,11 +16,7 @@ import pytest
 
 from tests.checkpoints import (
     VOCAB,
-    Checkpoints,
-    assert_greedy_matches,
-    assert_two_stages_split_checkpoint,
     hf_recipe,
-    prompt_logits_error,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -43,23 +39,3 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 RECIPES = {variant: hf_recipe("falcon", **BASE, **overrides) for variant, overrides in VARIANTS.items()}
 GREEDY = ["grouped", "multi_query", "sequential"]  # transformers' generate dominates the time
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
-    return Checkpoints(tmp_path_factory, "falcon", RECIPES)
-
-
-@pytest.mark.parametrize("variant", GREEDY)
-def test_greedy_tokens_equal_transformers(checkpoint: Checkpoints, variant: str) -> None:
-    assert_greedy_matches(*checkpoint(variant))
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_prompt_logits_within_1e_4(checkpoint: Checkpoints, variant: str) -> None:
-    assert prompt_logits_error(*checkpoint(variant)) < 1e-4
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_two_stage_split_covers_checkpoint(checkpoint: Checkpoints, variant: str) -> None:
-    assert_two_stages_split_checkpoint(checkpoint(variant)[0])

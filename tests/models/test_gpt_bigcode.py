@@ -14,10 +14,7 @@ import pytest
 from tests.checkpoints import (
     Checkpoints,
     arch_of,
-    assert_greedy_matches,
-    assert_two_stages_split_checkpoint,
     hf_recipe,
-    prompt_logits_error,
 )
 from tests.models.test_gpt2 import BASE
 
@@ -33,21 +30,6 @@ RECIPES = {variant: hf_recipe("gpt_bigcode", **BASE, **overrides) for variant, o
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     return Checkpoints(tmp_path_factory, "gpt_bigcode", RECIPES)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_greedy_tokens_equal_transformers(checkpoint: Checkpoints, variant: str) -> None:
-    assert_greedy_matches(*checkpoint(variant))
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_prompt_logits_within_1e_4(checkpoint: Checkpoints, variant: str) -> None:
-    assert prompt_logits_error(*checkpoint(variant)) < 1e-4
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_two_stages_partition_the_checkpoint(checkpoint: Checkpoints, variant: str) -> None:
-    assert_two_stages_split_checkpoint(checkpoint(variant)[0])
 
 
 @pytest.mark.parametrize(("variant", "kv_heads"), [("multi_query", 1), ("multi_head", 4)])
