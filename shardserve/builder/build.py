@@ -29,8 +29,8 @@ from shardserve.models.arch import ArchConfig
 from shardserve.models.base import CausalLM
 from shardserve.models.quantization import QUANTIZATIONS, quantize_linears, quantize_weight
 from shardserve.models.registry import model_class, parse_arch
+from shardserve.workers.worker import DTYPES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",

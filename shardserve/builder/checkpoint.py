@@ -8,7 +8,6 @@ time, and the tokenizer. Problems (missing files, truncated safetensors, no toke
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from shardserve.builder.errors import CheckpointError
 from shardserve.builder.engine_dir import EngineInfo, is_engine_dir, rank_file, read_engine_info
-from shardserve.builder.safetensors_io import iter_tensors, tensor_specs
+from shardserve.builder.safetensors_io import iter_tensors, read_header, tensor_specs
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -124,21 +123,11 @@ def _weight_files(path: Path) -> tuple[Path, ...]:
 
 def check_safetensors(file: Path) -> None:
     """Validate the header and that the file is as long as the header says."""
+    start, header = read_header(file)
     size = file.stat().st_size
-    with file.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
-        (header_len,) = struct.unpack("<Q", head)
-        if 8 + header_len > size:
-            raise CheckpointError(f"{file}: truncated safetensors file (header of {header_len} bytes, file {size})")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{file}: corrupt safetensors header") from None
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        raise CheckpointError(f"{file}: truncated safetensors file: needs {8 + header_len + end} bytes, has {size}")
+    if start + end > size:
+        raise CheckpointError(f"{file}: truncated safetensors file: needs {start + end} bytes, has {size}")
 
 
 def _iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -50,12 +50,15 @@ class TensorSpec:
 
 
 def read_header(file: Path) -> tuple[int, dict]:
-    """(data start offset, header dict) of a safetensors file."""
+    """(data start offset, header dict) of a safetensors file; a short or corrupt header is a CheckpointError."""
+    size = file.stat().st_size
     with file.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{file}: truncated safetensors file (no header)")
+            raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
         (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            raise CheckpointError(f"{file}: truncated safetensors file (header of {length} bytes, file {size})")
         try:
             return 8 + length, json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
