@@ -1,24 +1,31 @@
-"""`shardserve` command line: `generate` (the launch post's run.py), `build`, `inspect`.
+"""`shardserve` command line: `generate` (the launch post's run.py), `build`, `inspect`, `worker`, `doctor`.
 
     shardserve build --model-dir HF_DIR|FILE.gguf --output-dir ENGINE_DIR [--tp N] [--pp M] [--quantization fp8]
     shardserve inspect ENGINE_DIR
     shardserve generate [--model-dir PATH] --input-text "How do I count to nine in French?" --max-output-len 100
     shardserve generate --model-dir PATH --batch-file prompts.txt --temperature 0.8 --seed 1
+    mpiexec -n 4 shardserve worker --engine-dir ENGINE_DIR < requests.jsonl
+    shardserve doctor --engine-dir ENGINE_DIR [--comm gloo|mpi|nccl]
 
-PATH is a Hugging Face directory, a .gguf file or an engine directory (default: the bundled SmolLM2).
-Problems with the model or the request are one line on stderr and exit status 2.
+PATH is a Hugging Face directory, a .gguf file or an engine directory (default: the bundled SmolLM2);
+`generate` on a tp × pp engine starts its other ranks itself. Problems with the model or the
+request are one line on stderr and exit status 2; a rank that fails, exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from shardserve.builder.errors import CheckpointError
+from shardserve.comm.base import CommError
 from shardserve.config import ConfigError, DeploymentConfig
 from shardserve.engine.request import InvalidRequestError, SamplingParams
+from shardserve.workers.doctor import add_doctor_parser
+from shardserve.workers.entry import add_worker_parser
 
 
 def _generate_parser(sub: Any) -> None:
@@ -43,6 +50,7 @@ def _generate_parser(sub: Any) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None)
+    p.add_argument("--comm", choices=["auto", "gloo", "nccl"], default=None, help="collectives of a multi-rank engine")
     p.set_defaults(func=cmd_generate)
 
 
@@ -76,8 +84,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     info = build_engine(args.model_dir, args.output_dir, options)
     size = sum(r["bytes"] for r in info.ranks)
-    print(f"built {info.architecture} engine: tp={info.tp} pp={info.pp} {info.dtype} "
-          f"quantization={info.quantization}, {len(info.ranks)} rank files, {size / 2**20:.1f} MiB → {args.output_dir}")
+    print(
+        f"built {info.architecture} engine: tp={info.tp} pp={info.pp} {info.dtype} "
+        f"quantization={info.quantization}, {len(info.ranks)} rank files, {size / 2**20:.1f} MiB → {args.output_dir}"
+    )
     return 0
 
 
@@ -90,11 +100,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> DeploymentConfig:
     base = DeploymentConfig.from_yaml(args.config) if args.config else DeploymentConfig()
-    model = base.model.model_dump()
+    data = base.model_dump(mode="json")
     for key, value in (("path", args.model_dir), ("tokenizer", args.tokenizer_dir), ("dtype", args.dtype)):
         if value is not None:
-            model[key] = value
-    return DeploymentConfig.from_dict({**base.model_dump(), "model": model})
+            data["model"][key] = value
+    if getattr(args, "comm", None) is not None:
+        data["parallel"]["comm"] = args.comm
+    return DeploymentConfig.from_dict(data)
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -132,11 +144,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _params(args)
     prompts = _prompts(args)
     llm = LLM.from_config(_config(args))
-    if args.chat:
-        prompts = [apply_chat_template(llm.engine.tokenizer, p) for p in prompts]
-    for i, out in enumerate(llm.generate(prompts, params)):
-        print(f'Input [Text {i}]: "{args.input_text[i] if args.input_text else prompts[i]}"')
-        print(f'Output [Text {i}]: "{out.text}"')
+    try:
+        if args.chat:
+            prompts = [apply_chat_template(llm.engine.tokenizer, p) for p in prompts]
+        for i, out in enumerate(llm.generate(prompts, params)):
+            print(f'Input [Text {i}]: "{args.input_text[i] if args.input_text else prompts[i]}"')
+            print(f'Output [Text {i}]: "{out.text}"')
+    finally:
+        llm.engine.shutdown()
+    stats = getattr(llm.engine.executor, "rank_stats", None)
+    if stats and len(stats) > 1:
+        from shardserve.workers.group import describe_stats
+
+        print(describe_stats(stats), file=sys.stderr)
     return 0
 
 
@@ -152,12 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _build_parser(sub)
+    add_worker_parser(sub)
+    add_doctor_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (CheckpointError, InvalidRequestError, ConfigError) as exc:
         print(f"shardserve {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except CommError as exc:
+        # A failed world can leave collectives posted that would block interpreter exit: leave now.
+        print(f"shardserve {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The deployment schema: one YAML file, validated once, frozen, split into sections.
 
-Each component receives only its own section (`model`, `cache`, `scheduler`). Every knob
+Each component receives only its own section (`model`, `cache`, `scheduler`, `parallel`). Every knob
 lives here; nothing is read from environment variables.
 """
 
@@ -52,10 +52,31 @@ class SchedulerConfig(_Section):
     max_num_sequences: int = Field(256, ge=1, description="requests in the running batch")
 
 
+class CommBackend(str, enum.Enum):
+    AUTO = "auto"  # nccl on CUDA, gloo on CPU
+    GLOO = "gloo"
+    MPI = "mpi"  # only in an MPI world (`mpiexec -n N shardserve worker`)
+    NCCL = "nccl"
+
+
+class ParallelConfig(_Section):
+    """How the ranks of one engine (tp × pp, fixed when it was built) talk and wait."""
+
+    comm: CommBackend = CommBackend.AUTO
+    max_in_flight_batches: int | None = Field(
+        None, ge=1, description="micro-batches in the pipeline at once (default: one per stage)"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="longest wait for a rank in a collective or a step")
+    heartbeat_timeout_s: float = Field(3.0, gt=0, description="a rank silent this long is dead or stopped")
+    master_addr: str = Field("127.0.0.1", description="where rank 0 hosts the rank board (TCP store)")
+    master_port: int = Field(0, ge=0, le=65535, description="its port; 0 = pick a free one")
+
+
 class DeploymentConfig(_Section):
     model: ModelConfig = ModelConfig()
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
     @model_validator(mode="after")
     def _check_lengths(self) -> DeploymentConfig:

@@ -1,7 +1,8 @@
 """The leader loop: `LLMEngine` (add_request / step / abort) and the offline `LLM`.
 
 A step reads in three lines: the scheduler plans, the executor runs the plan on the ranks,
-the scheduler takes the result. Outputs are then detokenized (stop strings end requests).
+the scheduler takes the results of the plans that completed (with pipeline parallelism a plan's
+result comes back a step or more later). Outputs are then detokenized (stop strings end requests).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardserve.builder.checkpoint import Checkpoint, open_checkpoint
 from shardserve.config import DeploymentConfig
@@ -27,8 +28,11 @@ from shardserve.engine.request import (
 from shardserve.engine.scheduler import Scheduler
 from shardserve.models.arch import ArchConfig
 from shardserve.models.registry import parse_arch
-from shardserve.workers.executor import Executor, LocalExecutor
-from shardserve.workers.worker import Worker
+from shardserve.workers.executor import Executor
+from shardserve.workers.launch import start_executor
+
+if TYPE_CHECKING:
+    from shardserve.comm.world import World
 
 Prompt = str | list[int]
 
@@ -40,17 +44,18 @@ class _Tracked:
 
 
 class LLMEngine:
-    def __init__(self, config: DeploymentConfig) -> None:
+    """The leader. `world`: this process is already rank 0 of a started world (e.g. under
+    mpiexec); otherwise the executor starts the engine's ranks itself (see workers/launch.py)."""
+
+    def __init__(self, config: DeploymentConfig, world: World | None = None) -> None:
         from shardserve.demo import default_model_path
 
         self.config = config
         checkpoint = open_checkpoint(config.model.path or default_model_path(), config.model.tokenizer)
         self.arch = parse_arch(checkpoint.config)  # unsupported architectures fail before any weight is read
         self.tokenizer = checkpoint.load_tokenizer()
-        limits = [self.arch.max_position_embeddings, config.model.max_model_len, _engine_max_len(checkpoint)]
-        self.max_model_len = min(n for n in limits if n)
-        worker = Worker(checkpoint, self.arch, config.model, config.cache, self.max_model_len)
-        self.executor: Executor = LocalExecutor(worker)
+        self.max_model_len = max_model_len(checkpoint, self.arch, config)
+        self.executor: Executor = start_executor(checkpoint, self.arch, config, self.max_model_len, world)
         self.kv_cache = KVCacheManager(
             self.executor.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
@@ -111,8 +116,8 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
-        result = self.executor.run(plan)
-        updated = self.scheduler.update(plan, result)
+        completed = self.executor.run(plan)
+        updated = [req for done, result in completed for req in self.scheduler.update(done, result)]
         outputs, self._aborted = self._aborted, []
         for req in updated:
             outputs.append(self._on_token(req))
@@ -244,5 +249,7 @@ def _eos_token_ids(checkpoint: Checkpoint, arch: ArchConfig, tokenizer: Any) -> 
     return frozenset([eos]) if eos is not None else frozenset()
 
 
-def _engine_max_len(checkpoint: Checkpoint) -> int | None:
-    return checkpoint.engine.max_seq_len if checkpoint.engine is not None else None
+def max_model_len(checkpoint: Checkpoint, arch: ArchConfig, config: DeploymentConfig) -> int:
+    """Prompt + output cap: the model's positions, the config's limit and the engine's, whichever is least."""
+    engine_limit = checkpoint.engine.max_seq_len if checkpoint.engine is not None else None
+    return min(n for n in (arch.max_position_embeddings, config.model.max_model_len, engine_limit) if n)

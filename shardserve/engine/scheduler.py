@@ -11,6 +11,10 @@ Policies (Triton TensorRT-LLM backend names):
 - max_utilization: admit while blocks for the scheduled chunk are free; when a running
   request cannot grow, preempt the newest (lowest priority first) and recompute it later.
 Waiting requests are admitted by priority (higher first), then by arrival.
+
+Pipeline parallelism keeps several plans in flight: a request stays "in flight" from the
+plan that schedules it until `update` gets that plan's result, and is neither scheduled
+nor preempted meanwhile, so the next micro-batch is made of the other requests.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._sent: dict[str, _Sent] = {}
         self._finished_ids: list[str] = []  # to tell the ranks on the next step
+        self._in_flight: set[str] = set()  # scheduled in a plan whose result has not come back
         self._step_id = 0
 
     # -- requests in and out -------------------------------------------------------------
@@ -90,6 +95,7 @@ class Scheduler:
         if not preempted:
             self._schedule_waiting(budget, scheduled)
         self._step_id += 1
+        self._in_flight.update(scheduled)
         plan = self._make_plan(scheduled)
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += plan.total_num_scheduled_tokens
@@ -99,6 +105,7 @@ class Scheduler:
         """Apply a step's result; returns the requests that got a token (some now finished)."""
         touched: list[Request] = []
         for request_id, n in plan.num_scheduled_tokens.items():
+            self._in_flight.discard(request_id)
             req = self.requests.get(request_id)
             if req is None:  # aborted while the step ran
                 continue
@@ -121,19 +128,21 @@ class Scheduler:
         for req in list(self.running):
             if budget <= 0:
                 break
-            if req.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if req.status is not RequestStatus.RUNNING or req.request_id in self._in_flight:
+                continue  # preempted earlier in this loop, or still in the pipeline
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv_cache.can_allocate(req, n):
                 if self.config.policy is SchedulerPolicy.GUARANTEED_COMPLETION:
                     raise RuntimeError(f"request {req.request_id} outgrew its reserved blocks")
                 victim = self._newest_running()
+                if victim is None:
+                    break  # the only candidates are in flight: wait for them
                 budget += scheduled.pop(victim.request_id, 0)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
                     break
-            if req.status is RequestStatus.RUNNING:
+            if req.status is RequestStatus.RUNNING and self.kv_cache.can_allocate(req, n):
                 self.kv_cache.allocate(req, n)
                 scheduled[req.request_id] = n
                 budget -= n
@@ -163,8 +172,10 @@ class Scheduler:
         mine = kv.blocks_needed(req.max_final_tokens) - len(prefix.block_ids)
         return kv.num_free_blocks - kv.pool.num_free_among(prefix.block_ids) - outstanding >= mine
 
-    def _newest_running(self) -> Request:
-        return min(self.running, key=lambda r: (r.priority, -r.arrival))
+    def _newest_running(self) -> Request | None:
+        """The preemption victim: lowest priority, newest; never one still in the pipeline."""
+        candidates = [r for r in self.running if r.request_id not in self._in_flight]
+        return min(candidates, key=lambda r: (r.priority, -r.arrival)) if candidates else None
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -16,8 +16,10 @@ NormHead, `arch.extra["norm_head"]`: Baichuan2 divides each `lm_head` row by its
 (rank files written by the builder then hold the normalised rows). Rule: config key `"norm_head"`
 if present (our override), else true exactly for the Baichuan2 vocabulary of 125696.
 
-In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache).
-Out: hidden states [tokens, hidden]; `compute_logits` maps the sampled rows to the vocab.
+In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache) and, after the
+first pipeline stage, the previous stage's hidden states.
+Out: hidden states [tokens, hidden] (a stage's: models/base.py); `compute_logits` maps the sampled rows
+to the vocab.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def position_encoding(cfg: dict[str, Any]) -> str:
 class BaichuanAlibiAttention(LlamaAttention):
     """Llama's attention without rotary: each head adds slope · (key pos − query pos) to its scores."""
 
-    def __init__(self, arch: ArchConfig, layer: int, comm: Communicator):
-        super().__init__(arch, layer, comm, rotary=None)  # type: ignore[arg-type]
+    def __init__(self, arch: ArchConfig, layer: int, local_layer: int, comm: Communicator):
+        super().__init__(arch, layer, local_layer, comm, rotary=None)  # type: ignore[arg-type]
         # slopes: [local heads], this rank's slice of the model's heads
         self.register_buffer("alibi_slopes", local_heads(alibi_slopes(arch.num_heads), comm), persistent=False)
 
@@ -64,7 +66,7 @@ class BaichuanAlibiAttention(LlamaAttention):
         # x: [tokens, hidden]
         q, k, v = self.qkv_proj.project(x)  # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]
         out = ctx.backend.forward(
-            q, k, v, ctx.kv_caches[self.layer], ctx.meta, self.scale, self.window, self.alibi_slopes
+            q, k, v, ctx.kv_caches[self.local_layer], ctx.meta, self.scale, self.window, self.alibi_slopes
         )
         return self.o_proj(out.flatten(1))
 
@@ -83,7 +85,8 @@ class BaichuanForCausalLM(LlamaForCausalLM):
         super().__init__(arch, comm, max_positions, stage)
         if arch.extra["position"] == "alibi":
             for layer in self.model.layers.values():
-                layer.self_attn = BaichuanAlibiAttention(arch, layer.self_attn.layer, comm)
+                old = layer.self_attn
+                layer.self_attn = BaichuanAlibiAttention(arch, old.layer, old.local_layer, comm)
 
     @staticmethod
     def config_from_hf(cfg: dict) -> ArchConfig:

@@ -13,8 +13,10 @@ The checkpoint fuses q, k and v in `self_attention.query_key_value`, laid out pe
 `convert_checkpoint` cuts it into canonical `self_attention.{q,k,v}_proj` tensors, fused again
 per rank (split by heads) in a `QKVParallelLinear`.
 
-In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache).
-Out: hidden states [tokens, hidden]; `compute_logits` maps the sampled rows to the vocab.
+In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache) and, after the
+first pipeline stage, the previous stage's hidden states.
+Out: hidden states [tokens, hidden] (a stage's: models/base.py); `compute_logits` maps the sampled rows
+to the vocab.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 from shardserve.builder.errors import CheckpointError
 from shardserve.comm.base import Communicator, SingleRankCommunicator
 from shardserve.models.arch import ArchConfig, _eos, _rope
-from shardserve.models.base import CausalLM, Stage
+from shardserve.models.base import CausalLM, Stage, stage_input, stage_output
 from shardserve.models.layers import (
     ColumnParallelLinear,
     LayerNorm,
@@ -189,6 +191,7 @@ class FalconDecoderLayer(nn.Module):
 class FalconModel(nn.Module):
     def __init__(self, arch: ArchConfig, comm: Communicator, max_positions: int, stage: Stage):
         super().__init__()
+        self.stage = stage
         if stage.is_first:
             self.word_embeddings = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, comm)
         rotary, slopes = None, None
@@ -202,14 +205,15 @@ class FalconModel(nn.Module):
 
         # Global layer indices as ModuleDict keys, so parameter names match the checkpoint's.
         self.h = nn.ModuleDict({str(i): layer(i) for i in range(stage.start, stage.end)})
-        if stage.is_last:
-            self.ln_f = LayerNorm(arch.hidden_size, arch.norm_eps)
+        self.ln_f = LayerNorm(arch.hidden_size, arch.norm_eps) if stage.is_last else None
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.word_embeddings(ids)  # [tokens, hidden]
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, hidden: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = stage_input(self.stage, ids, hidden, lambda: self.word_embeddings(ids))  # [tokens, hidden]
         for layer in self.h.values():
             x = layer(positions, x, ctx)
-        return self.ln_f(x)
+        return stage_output(self.stage, x, None, self.ln_f)
 
 
 class FalconForCausalLM(CausalLM):
@@ -256,9 +260,11 @@ class FalconForCausalLM(CausalLM):
         v = groups[:, -1].reshape(kv * dim, *rest)
         return q, k, v
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        # ids, positions: [tokens] -> hidden [tokens, hidden]
-        return self.transformer(ids, positions, ctx)
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # ids, positions: [tokens]; hidden: [tokens, hidden] after the first stage -> [tokens, hidden]
+        return self.transformer(ids, positions, ctx, hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [rows, vocab]

@@ -6,8 +6,10 @@ interleaved pairs (0, 1), (2, 3), ... The checkpoint fuses the MLP's gate and up
 `mlp.gate_up_proj` ([2 * intermediate, hidden], gate rows first); `convert_checkpoint` cuts it into
 canonical `mlp.gate_proj` / `mlp.up_proj` so each part is split over tensor-parallel ranks on its own.
 
-In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache).
-Out: hidden states [tokens, hidden]; `compute_logits` maps the sampled rows to the vocab.
+In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache) and, after the
+first pipeline stage, the previous stage's hidden states.
+Out: hidden states [tokens, hidden] (a stage's: models/base.py); `compute_logits` maps the sampled rows
+to the vocab.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ The checkpoint stores Conv1D weights as [in, out] with q, k, v fused in `attn.c_
 `convert_checkpoint` transposes them and cuts `c_attn` into canonical `attn.{q,k,v}_proj` tensors,
 fused again per rank in a `QKVParallelLinear`. GPT-BigCode (gpt_bigcode.py) reuses these modules.
 
-In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache).
-Out: hidden states [tokens, hidden]; `compute_logits` maps the sampled rows to the vocab.
+In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache) and, after the
+first pipeline stage, the previous stage's hidden states.
+Out: hidden states [tokens, hidden] (a stage's: models/base.py); `compute_logits` maps the sampled rows
+to the vocab.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 from shardserve.builder.errors import CheckpointError
 from shardserve.comm.base import Communicator, SingleRankCommunicator
 from shardserve.models.arch import ArchConfig
-from shardserve.models.base import CausalLM, Stage, layer_index
+from shardserve.models.base import CausalLM, Stage, layer_index, stage_input, stage_output
 from shardserve.models.layers import (
     ColumnParallelLinear,
     LayerNorm,
@@ -178,6 +180,7 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, arch: ArchConfig, comm: Communicator, stage: Stage):
         super().__init__()
+        self.stage = stage
         if stage.is_first:
             self.wte = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, comm)
             self.wpe = ReplicatedEmbedding(arch.max_position_embeddings, arch.hidden_size)
@@ -185,16 +188,16 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleDict(
             {str(i): GPT2Block(arch, i, i - stage.start, comm) for i in range(stage.start, stage.end)}
         )
-        if stage.is_last:
-            self.ln_f = LayerNorm(arch.hidden_size, arch.norm_eps)
+        self.ln_f = LayerNorm(arch.hidden_size, arch.norm_eps) if stage.is_last else None
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.wte(ids) + self.wpe(positions)  # [tokens, hidden]
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, hidden: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = stage_input(self.stage, ids, hidden, lambda: self.wte(ids) + self.wpe(positions))  # [tokens, hidden]
         residual = None
         for block in self.h.values():
             x, residual = block(x, residual, ctx)
-        x, _ = self.ln_f(x, residual)
-        return x
+        return stage_output(self.stage, x, residual, self.ln_f)
 
 
 class GPT2LMHeadModel(CausalLM):
@@ -244,9 +247,11 @@ class GPT2LMHeadModel(CausalLM):
         for part, piece in zip(("q_proj", "k_proj", "v_proj"), self.split_qkv(tensor), strict=True):
             yield name.replace(".c_attn.", f".{part}."), piece.contiguous()
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        # ids, positions: [tokens] -> hidden [tokens, hidden]
-        return self.transformer(ids, positions, ctx)
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # ids, positions: [tokens]; hidden: [tokens, hidden] after the first stage -> [tokens, hidden]
+        return self.transformer(ids, positions, ctx, hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [rows, vocab]

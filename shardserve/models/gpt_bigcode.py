@@ -6,8 +6,10 @@ head and one value head serve every query head (`c_attn` outputs q [hidden], the
 [head_dim] each). Without multi-query, `c_attn` interleaves per head: [q_h, k_h, v_h] for each h.
 Both layouts are cut into canonical `attn.{q,k,v}_proj` tensors and fused per rank again.
 
-In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache).
-Out: hidden states [tokens, hidden]; `compute_logits` maps the sampled rows to the vocab.
+In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache) and, after the
+first pipeline stage, the previous stage's hidden states.
+Out: hidden states [tokens, hidden] (a stage's: models/base.py); `compute_logits` maps the sampled rows
+to the vocab.
 """
 
 from __future__ import annotations

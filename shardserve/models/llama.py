@@ -1,7 +1,9 @@
 """The Llama family: Llama 1/2/3 (incl. llama3 rope scaling), Mistral, Qwen2 (qkv bias).
 
-In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache).
-Out: hidden states [tokens, hidden]; `compute_logits` maps the sampled rows to the vocab.
+In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache) and, after the
+first pipeline stage, the previous stage's hidden states.
+Out: hidden states [tokens, hidden] (a stage's: models/base.py); `compute_logits` maps the sampled rows
+to the vocab.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from torch import nn
 
 from shardserve.comm.base import Communicator, SingleRankCommunicator
 from shardserve.models.arch import ArchConfig
-from shardserve.models.base import CausalLM, Stage
+from shardserve.models.base import CausalLM, Stage, stage_input, stage_output
 from shardserve.models.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -36,9 +38,10 @@ STACKED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ArchConfig, layer: int, comm: Communicator, rotary: RotaryEmbedding):
+    def __init__(self, arch: ArchConfig, layer: int, local_layer: int, comm: Communicator, rotary: RotaryEmbedding):
         super().__init__()
-        self.layer = layer
+        self.layer = layer  # the global index (per-layer settings)
+        self.local_layer = local_layer  # index into this rank's KV caches
         self.qkv_proj = QKVParallelLinear(
             arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.attention_bias, comm
         )
@@ -52,7 +55,7 @@ class LlamaAttention(nn.Module):
         # x: [tokens, hidden]
         q, k, v = self.qkv_proj.project(x)  # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]
         q, k = self.rotary(positions, q, k)
-        out = ctx.backend.forward(q, k, v, ctx.kv_caches[self.layer], ctx.meta, self.scale, self.window)
+        out = ctx.backend.forward(q, k, v, ctx.kv_caches[self.local_layer], ctx.meta, self.scale, self.window)
         return self.o_proj(out.flatten(1))
 
 
@@ -70,9 +73,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, layer: int, comm: Communicator, rotary: RotaryEmbedding):
+    def __init__(self, arch: ArchConfig, layer: int, local_layer: int, comm: Communicator, rotary: RotaryEmbedding):
         super().__init__()
-        self.self_attn = LlamaAttention(arch, layer, comm, rotary)
+        self.self_attn = LlamaAttention(arch, layer, local_layer, comm, rotary)
         self.mlp = LlamaMLP(arch, comm)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.norm_eps)
@@ -99,18 +102,18 @@ class LlamaModel(nn.Module):
         rotary = RotaryEmbedding(arch.head_dim, arch.head_dim, max_positions, arch.rope)
         # Global layer indices as ModuleDict keys, so parameter names match the checkpoint's.
         self.layers = nn.ModuleDict(
-            {str(i): LlamaDecoderLayer(arch, i - stage.start, comm, rotary) for i in range(stage.start, stage.end)}
+            {str(i): LlamaDecoderLayer(arch, i, i - stage.start, comm, rotary) for i in range(stage.start, stage.end)}
         )
-        if stage.is_last:
-            self.norm = RMSNorm(arch.hidden_size, arch.norm_eps)
+        self.norm = RMSNorm(arch.hidden_size, arch.norm_eps) if stage.is_last else None
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.embed_tokens(ids)
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, hidden: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = stage_input(self.stage, ids, hidden, lambda: self.embed_tokens(ids))  # [tokens, hidden]
         residual = None
         for layer in self.layers.values():
             x, residual = layer(positions, x, residual, ctx)
-        x, _ = self.norm(x, residual)
-        return x
+        return stage_output(self.stage, x, residual, self.norm)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -131,9 +134,11 @@ class LlamaForCausalLM(CausalLM):
             if arch.tie_word_embeddings and self.stage.is_first:
                 self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        # ids, positions: [tokens] -> hidden [tokens, hidden]
-        return self.model(ids, positions, ctx)
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # ids, positions: [tokens]; hidden: [tokens, hidden] after the first stage -> [tokens, hidden]
+        return self.model(ids, positions, ctx, hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [rows, vocab]

@@ -12,8 +12,10 @@ Refused with a `CheckpointError`: learned positions instead of ALiBi, rotary, gr
 multi-query attention, QK LayerNorm, prefix-LM masks, biases and non-LayerNorm norms — none of
 them in transformers' MPT either.
 
-In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache).
-Out: hidden states [tokens, hidden]; `compute_logits` maps the sampled rows to the vocab.
+In: flat token ids and positions of one step, a `ForwardContext` (paged KV cache) and, after the
+first pipeline stage, the previous stage's hidden states.
+Out: hidden states [tokens, hidden] (a stage's: models/base.py); `compute_logits` maps the sampled rows
+to the vocab.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 from shardserve.builder.errors import CheckpointError
 from shardserve.comm.base import Communicator, SingleRankCommunicator
 from shardserve.models.arch import ArchConfig, _eos
-from shardserve.models.base import CausalLM, Stage
+from shardserve.models.base import CausalLM, Stage, stage_input, stage_output
 from shardserve.models.layers import (
     ColumnParallelLinear,
     LayerNorm,
@@ -177,6 +179,7 @@ class MptBlock(nn.Module):
 class MptModel(nn.Module):
     def __init__(self, arch: ArchConfig, comm: Communicator, stage: Stage):
         super().__init__()
+        self.stage = stage
         if stage.is_first:
             self.wte = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, comm)
         slopes = local_heads(mpt_alibi_slopes(arch.num_heads, arch.extra["alibi_bias_max"]), comm)
@@ -184,14 +187,13 @@ class MptModel(nn.Module):
         self.blocks = nn.ModuleDict(
             {str(i): MptBlock(arch, i - stage.start, comm, slopes) for i in range(stage.start, stage.end)}
         )
-        if stage.is_last:
-            self.norm_f = LayerNorm(arch.hidden_size, arch.norm_eps, bias=False)
+        self.norm_f = LayerNorm(arch.hidden_size, arch.norm_eps, bias=False) if stage.is_last else None
 
-    def forward(self, ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = self.wte(ids)  # [tokens, hidden]
+    def forward(self, ids: torch.Tensor, ctx: ForwardContext, hidden: torch.Tensor | None) -> torch.Tensor:
+        x = stage_input(self.stage, ids, hidden, lambda: self.wte(ids))  # [tokens, hidden]
         for block in self.blocks.values():
             x = block(x, ctx)
-        return self.norm_f(x)
+        return stage_output(self.stage, x, None, self.norm_f)
 
 
 class MptForCausalLM(CausalLM):
@@ -232,9 +234,12 @@ class MptForCausalLM(CausalLM):
         for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True):
             yield name.replace(_FUSED_QKV, f".attn.{part}."), piece
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        # ids, positions: [tokens] -> hidden [tokens, hidden]; ALiBi needs no positions
-        return self.transformer(ids, ctx)
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # ids, positions: [tokens]; hidden: [tokens, hidden] after the first stage -> [tokens, hidden]
+        # (ALiBi needs no positions)
+        return self.transformer(ids, ctx, hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)  # [rows, vocab]

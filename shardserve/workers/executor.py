@@ -1,6 +1,9 @@
-"""The `Executor` seam: runs one `StepPlan` on every rank of a replica and returns its result.
+"""The `Executor` seam: runs `StepPlan`s on every rank of a replica and returns their results.
 
-The scheduler never knows whether the executor is one process or many.
+The scheduler never knows whether the executor is one process or many. `run(plan)` hands one
+plan to the ranks and returns the plans that completed meanwhile, oldest first, with their
+results: one executor runs each plan at once; a pipeline keeps up to one plan per stage in
+flight and returns a plan's result once the pipeline is full (or nothing new was scheduled).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from typing import Protocol
 from shardserve.engine.step import StepPlan, StepResult
 from shardserve.workers.worker import Worker
 
+Completed = list[tuple[StepPlan, StepResult]]
+
 
 class Executor(Protocol):
     @property
@@ -17,7 +22,7 @@ class Executor(Protocol):
         """KV-cache blocks every rank can hold (the leader's block pool size)."""
         ...
 
-    def run(self, plan: StepPlan) -> StepResult: ...
+    def run(self, plan: StepPlan) -> Completed: ...
 
     def shutdown(self) -> None: ...
 
@@ -32,8 +37,8 @@ class LocalExecutor:
     def num_blocks(self) -> int:
         return self.worker.num_blocks
 
-    def run(self, plan: StepPlan) -> StepResult:
-        return self.worker.runner.execute(plan)
+    def run(self, plan: StepPlan) -> Completed:
+        return [(plan, self.worker.runner.execute(plan))]
 
     def shutdown(self) -> None:
         return None

@@ -1,13 +1,20 @@
 """Executes one `StepPlan` on this rank: keeps per-request state, builds the flat batch,
-runs the model over the paged KV cache and samples the requests whose chunk ends the prompt."""
+runs the model over the paged KV cache and samples the requests whose chunk ends the prompt.
+
+With pipeline parallelism a rank runs only its stage: it receives the residual stream
+[tokens, hidden] from the previous stage and sends its own to the next (`StageLinks`); the
+last stage's tp rank 0 samples. Every rank applies every plan (positions, block tables).
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from shardserve.comm.base import Communicator, PendingSend
 from shardserve.engine.request import SamplingParams
 from shardserve.engine.sampler import Sampler, SamplingRow
 from shardserve.engine.step import CachedRequestData, NewRequestData, StepPlan, StepResult
@@ -37,6 +44,36 @@ class _Batch:
     sample_index: torch.Tensor  # [sampled] flat index of each one's last token
 
 
+@dataclass(frozen=True, slots=True)
+class StageLinks:
+    """Where this rank's stage sits in the pipeline (global ranks over `comm`)."""
+
+    comm: Communicator
+    prev: int | None  # the rank that sends this one its input hidden states (None: first stage)
+    next: int | None  # the rank this one sends its output to (None: last stage)
+    samples: bool  # this rank samples (last stage, tp rank 0)
+    hidden_size: int
+    dtype: torch.dtype
+
+
+@dataclass(slots=True)
+class RunnerTimes:
+    busy_s: float = 0.0  # running the model and sampling
+    recv_wait_s: float = 0.0  # waiting for the previous stage's hidden states
+    steps: int = 0
+    first_start: float = 0.0  # perf_counter at the first step's start
+    last_end: float = 0.0  # ... and at the latest step's end
+
+    @property
+    def wall_s(self) -> float:
+        return self.last_end - self.first_start
+
+    @property
+    def bubble(self) -> float:
+        """Share of this rank's wall time (first step to last) it was not computing."""
+        return 1.0 - self.busy_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -46,6 +83,7 @@ class ModelRunner:
         backend: AttentionBackend,
         sampler: Sampler,
         device: torch.device,
+        links: StageLinks | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -53,7 +91,10 @@ class ModelRunner:
         self.backend = backend
         self.sampler = sampler
         self.device = device
+        self.links = links
         self.requests: dict[str, _RequestState] = {}
+        self.times = RunnerTimes()
+        self._sent: PendingSend | None = None  # the last hidden states posted to the next stage
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -61,15 +102,50 @@ class ModelRunner:
         if plan.is_empty:
             return StepResult(plan.step_id)
         batch = self._prepare(plan)
-        hidden = self.model(batch.ids, batch.positions, ForwardContext(batch.meta, self.kv_caches, self.backend))
+        if not self.times.steps:
+            self.times.first_start = time.perf_counter()
+        hidden_in = self._receive(len(batch.ids))
+        start = time.perf_counter()
+        ctx = ForwardContext(batch.meta, self.kv_caches, self.backend)
+        hidden = self.model(batch.ids, batch.positions, ctx, hidden=hidden_in)
         for request_id, n in plan.num_scheduled_tokens.items():
             self.requests[request_id].num_computed_tokens += n
+        result = self._finish(plan, batch, hidden)
+        self.times.last_end = time.perf_counter()
+        self.times.busy_s += self.times.last_end - start
+        self.times.steps += 1
+        return result
+
+    def _receive(self, num_tokens: int) -> torch.Tensor | None:
+        links = self.links
+        if links is None or links.prev is None:
+            return None
+        start = time.perf_counter()
+        hidden = torch.empty(num_tokens, links.hidden_size, dtype=links.dtype, device=self.device)
+        links.comm.recv(hidden, src=links.prev)  # the previous stage's residual stream [tokens, hidden]
+        self.times.recv_wait_s += time.perf_counter() - start
+        return hidden
+
+    def _finish(self, plan: StepPlan, batch: _Batch, hidden: torch.Tensor) -> StepResult:
+        links = self.links
+        if links is not None and links.next is not None:
+            self.flush()  # at most one send in flight: the next stage takes them in order
+            self._sent = links.comm.isend(hidden.contiguous(), dst=links.next)
+            return StepResult(plan.step_id)
         if not batch.sample_ids:
             return StepResult(plan.step_id)
         logits = self.model.compute_logits(hidden[batch.sample_index])  # [sampled, vocab]
+        if links is not None and not links.samples:
+            return StepResult(plan.step_id)
         out = self.sampler(logits, [self.requests[r].row() for r in batch.sample_ids])
         logprobs = {r: lp for r, lp in zip(batch.sample_ids, out.logprobs, strict=True) if lp is not None}
         return StepResult(plan.step_id, dict(zip(batch.sample_ids, out.token_ids, strict=True)), logprobs)
+
+    def flush(self) -> None:
+        """Wait until the next stage has taken the last hidden states sent to it."""
+        if self._sent is not None:
+            self._sent.wait()
+            self._sent = None
 
     def _apply(self, plan: StepPlan) -> None:
         for request_id in plan.finished_request_ids:

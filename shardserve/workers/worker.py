@@ -1,29 +1,46 @@
-"""One rank: resolve device and dtype, load the model shard, size and allocate the KV cache."""
+"""One rank: resolve device and dtype, load the model shard, size and allocate the KV cache.
+
+A rank of a tp × pp engine loads only its `rank{r}.safetensors` (its stage's layers, its tp
+shard) and holds the KV cache of its layers and KV heads; all ranks agree on one block count.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from shardserve.builder.checkpoint import Checkpoint
 from shardserve.builder.errors import CheckpointError
+from shardserve.builder.plan import ShardPlan
 from shardserve.comm.base import Communicator, SingleRankCommunicator
 from shardserve.config import CacheConfig, ModelConfig
 from shardserve.engine.sampler import Sampler
 from shardserve.models.arch import ArchConfig
+from shardserve.models.base import Stage
 from shardserve.models.quantization import quantize_linears
 from shardserve.models.registry import model_class
 from shardserve.workers.attention import TorchAttentionBackend
-from shardserve.workers.model_runner import ModelRunner
+from shardserve.workers.model_runner import ModelRunner, StageLinks
+
+if TYPE_CHECKING:
+    from shardserve.comm.world import World
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device of a rank; on CUDA, rank `local_rank` of this host takes GPU `local_rank` (mod count)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device is 'cuda' but no CUDA device is visible")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("model.device is 'cuda' but no CUDA device is visible")
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(name)
 
 
@@ -40,44 +57,52 @@ def resolve_dtype(name: str, arch: ArchConfig, device: torch.device, engine_dtyp
 
 
 def load_model(
-    checkpoint: Checkpoint, arch: ArchConfig, device: torch.device, dtype: torch.dtype, comm: Communicator, max_len: int
+    checkpoint: Checkpoint,
+    arch: ArchConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    layout: RankLayout,
+    max_len: int,
 ) -> nn.Module:
-    """Build this rank's model and fill it: from the full checkpoint, or from its engine rank file."""
+    """Build this rank's model (its stage, its tp shard) and fill it: from the full checkpoint
+    (a world of one), or from its engine rank file."""
     cls = model_class(arch)
     engine = checkpoint.engine
-    if engine is not None and engine.world_size != comm.world_size:
+    world_size = engine.world_size if engine is not None else 1
+    if world_size != layout.world_size:
         raise CheckpointError(
-            f"{checkpoint.path}: engine built for tp={engine.tp} × pp={engine.pp} = {engine.world_size} ranks; "
-            f"this run has {comm.world_size}"
+            f"{checkpoint.path}: engine built for tp={engine.tp} × pp={engine.pp} = {world_size} ranks; "  # type: ignore[union-attr]
+            f"this run has {layout.world_size}"
         )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = cls(arch, comm, max_len)
+            model = cls(arch, layout.tp_comm, max_len, stage=layout.stage)
             if engine is not None and engine.quantization != "none":
                 quantize_linears(model, engine.quantization)
     finally:
         torch.set_default_dtype(previous)
     if engine is not None:
-        loaded = model.load_weights(checkpoint.iter_rank_tensors(comm.rank), presharded=True)
+        loaded = model.load_weights(checkpoint.iter_rank_tensors(layout.rank), presharded=True)
     else:
         loaded = model.load_weights(checkpoint.iter_tensors())
     missing = sorted({name for name, _ in model.named_parameters()} - loaded)
     if missing:
-        raise CheckpointError(f"{checkpoint.path}: missing tensors: {', '.join(missing[:5])}")
+        raise CheckpointError(f"{checkpoint.path}: rank {layout.rank}: missing tensors: {', '.join(missing[:5])}")
     return model.eval()
 
 
-def kv_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype, tp: int = 1) -> int:
+def kv_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype, tp: int = 1, layers: int = 0) -> int:
+    """Bytes of one KV block on one rank: its `layers` (default all), its share of the KV heads."""
     kv_heads = max(1, arch.num_kv_heads // tp)
-    return 2 * arch.num_layers * block_size * kv_heads * arch.head_dim * dtype.itemsize
+    return 2 * (layers or arch.num_layers) * block_size * kv_heads * arch.head_dim * dtype.itemsize
 
 
-def num_kv_blocks(cache: CacheConfig, arch: ArchConfig, device: torch.device, dtype: torch.dtype) -> int:
+def num_kv_blocks(cache: CacheConfig, device: torch.device, per_block: int) -> int:
+    """Blocks this rank can hold: `cache.num_blocks`, else its memory budget over `per_block`."""
     if cache.num_blocks is not None:
         return cache.num_blocks
-    per_block = kv_bytes_per_block(arch, cache.block_size, dtype)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = int(free * cache.kv_cache_free_gpu_mem_fraction)
@@ -89,8 +114,25 @@ def num_kv_blocks(cache: CacheConfig, arch: ArchConfig, device: torch.device, dt
     return blocks
 
 
+@dataclass(frozen=True, slots=True)
+class RankLayout:
+    """This rank's place in its engine: global rank, its pipeline stage, its communicators."""
+
+    rank: int
+    world_size: int
+    stage: Stage
+    tp_comm: Communicator  # the tp ranks of this stage
+    links: StageLinks | None  # pipeline neighbours over the world communicator (None: a world of one)
+    world: Communicator  # every rank of the engine
+
+    @classmethod
+    def single(cls, arch: ArchConfig) -> RankLayout:
+        one = SingleRankCommunicator()
+        return cls(0, 1, Stage.whole(arch.num_layers), one, None, one)
+
+
 class Worker:
-    """The model, its KV cache and runner for one rank (world of one here)."""
+    """The model, its KV cache and runner for one rank."""
 
     def __init__(
         self,
@@ -99,16 +141,56 @@ class Worker:
         model_config: ModelConfig,
         cache: CacheConfig,
         max_len: int,
-        comm: Communicator | None = None,
+        world: World | None = None,
     ) -> None:
-        self.device = resolve_device(model_config.device)
+        self.device = resolve_device(model_config.device, world.rank if world is not None else 0)
         engine_dtype = checkpoint.engine.dtype if checkpoint.engine is not None else None
         self.dtype = resolve_dtype(model_config.dtype, arch, self.device, engine_dtype)
-        comm = comm or SingleRankCommunicator()
-        model = load_model(checkpoint, arch, self.device, self.dtype, comm, max_len)
-        self.num_blocks = num_kv_blocks(cache, arch, self.device, self.dtype)
-        shape = (2, self.num_blocks, cache.block_size, max(1, arch.num_kv_heads // comm.world_size), arch.head_dim)
+        layout = rank_layout(checkpoint, arch, world, self.dtype)
+        model = load_model(checkpoint, arch, self.device, self.dtype, layout, max_len)
+        layers = layout.stage.end - layout.stage.start
+        per_block = kv_bytes_per_block(arch, cache.block_size, self.dtype, layout.tp_comm.world_size, layers)
+        self.num_blocks = agree_on_blocks(num_kv_blocks(cache, self.device, per_block), layout.world)
+        heads = max(1, arch.num_kv_heads // layout.tp_comm.world_size)
+        shape = (2, self.num_blocks, cache.block_size, heads, arch.head_dim)
         # Zeroed: padded block-table entries are read (and masked) by the reference backend.
-        kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(arch.num_layers)]
+        kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
         sampler = Sampler(seed=model_config.seed)
-        self.runner = ModelRunner(model, kv_caches, cache.block_size, TorchAttentionBackend(), sampler, self.device)
+        self.layout = layout
+        self.runner = ModelRunner(
+            model, kv_caches, cache.block_size, TorchAttentionBackend(), sampler, self.device, layout.links
+        )
+
+
+def rank_layout(checkpoint: Checkpoint, arch: ArchConfig, world: World | None, dtype: torch.dtype) -> RankLayout:
+    if world is None:
+        return RankLayout.single(arch)
+    engine = checkpoint.engine
+    if engine is None:
+        raise CheckpointError(
+            f"{checkpoint.path}: several ranks run an engine directory; build one with `shardserve build`"
+        )
+    plan = ShardPlan.make(arch, engine.tp, engine.pp)
+    if (world.tp_size, world.pp_size) != (engine.tp, engine.pp):
+        raise CheckpointError(
+            f"{checkpoint.path}: engine built for tp={engine.tp} × pp={engine.pp}; "
+            f"this world is tp={world.tp_size} × pp={world.pp_size}"
+        )
+    tp, last = engine.tp, engine.pp - 1
+    links = StageLinks(
+        comm=world.world,
+        prev=world.rank - tp if world.stage > 0 else None,
+        next=world.rank + tp if world.stage < last else None,
+        samples=world.stage == last and world.tp_rank == 0,
+        hidden_size=arch.hidden_size,
+        dtype=dtype,
+    )
+    return RankLayout(world.rank, world.world_size, plan.stage_of(world.rank), world.tp, links, world.world)
+
+
+def agree_on_blocks(mine: int, world: Communicator) -> int:
+    """The block count every rank can hold (the leader's pool size): the smallest over the world."""
+    if world.world_size == 1:
+        return mine
+    counts = world.all_gather(torch.tensor([mine], dtype=torch.int64), dim=0, timeout=None)
+    return int(counts.min())

@@ -20,6 +20,7 @@ from shardserve.builder.errors import CheckpointError
 from shardserve.builder.safetensors_io import iter_tensors
 from shardserve.engine.engine import LLM
 from shardserve.engine.request import SamplingParams
+from shardserve.models.registry import parse_arch
 from tests.checkpoints import assert_rank_files_split_checkpoint, make_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
@@ -194,11 +195,16 @@ def test_bad_engine_dirs(tiny_checkpoint, tmp_path: Path, breakage: str) -> None
         open_checkpoint(engine)
 
 
-def test_multi_rank_engine_refused_by_single_process(tiny_checkpoint, tmp_path: Path) -> None:
+def test_multi_rank_engine_refused_by_a_single_rank(tiny_checkpoint, tmp_path: Path) -> None:
+    from shardserve.workers.worker import RankLayout, load_model
+
     src, _ = tiny_checkpoint("llama")
     build_engine(src, tmp_path / "e", BuildOptions(tp=2, **OPTS))
+    checkpoint = open_checkpoint(tmp_path / "e")
+    arch = parse_arch(checkpoint.config)
+    layout = RankLayout.single(arch)
     with pytest.raises(CheckpointError, match="engine built for tp=2 × pp=1 = 2 ranks; this run has 1"):
-        LLM(tmp_path / "e")
+        load_model(checkpoint, arch, torch.device("cpu"), torch.float32, layout, 64)
 
 
 def test_cli_build_and_inspect(tiny_checkpoint, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -185,6 +185,30 @@ class Driver:
             if not self.scheduler.has_unfinished():
                 return self.plans[start:]
             self.step()
+        raise AssertionError(f"still unfinished after {max_steps} steps: {sorted(self.scheduler.requests)}")
+
+    def run_pipelined(self, depth: int, max_steps: int = 1000) -> int:
+        """Step as a pipeline of `depth` stages does: a plan's result comes back only once `depth`
+        plans are in flight (or nothing new was scheduled). The fake ranks take plans in order.
+        Returns the most plans that were in flight at once."""
+        queue: deque[tuple[StepPlan, list[str]]] = deque()
+        most = 0
+        for _ in range(max_steps):
+            if not self.scheduler.has_unfinished() and not queue:
+                return most
+            plan = self.schedule()
+            flying = {r for p, _ in queue for r in p.num_scheduled_tokens}
+            assert not flying & set(plan.num_scheduled_tokens), "a request scheduled while in flight"
+            assert not flying & set(plan.finished_request_ids), "a request preempted while in flight"
+            if plan.num_scheduled_tokens or plan.finished_request_ids:
+                queue.append((plan, self.ranks.run(plan)))
+            most = max(most, len(queue))
+            if queue and (len(queue) >= depth or not plan.num_scheduled_tokens):
+                done, reached = queue.popleft()
+                sampled = {r: self._next_token(self.requests[r]) for r in reached}
+                self.scheduler.update(done, StepResult(done.step_id, sampled))
+                self._check_pool()
+                self.plans.append(done)
         raise AssertionError(f"still unfinished after {max_steps} steps: {sorted(self.scheduler.requests)}")
 
     def abort(self, request_id: str) -> Request | None:
@@ -608,6 +632,23 @@ def test_preempted_outputs_match_an_unconstrained_run() -> None:
         r: q.output_token_ids for r, q in roomy.requests.items()
     }
     tight.assert_pool_full()
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("num_blocks", [8, 200])
+def test_pipelined_plans_hold_disjoint_requests_and_give_the_same_outputs(depth: int, num_blocks: int) -> None:
+    piped, serial = Driver(num_blocks=num_blocks, max_num_tokens=12), Driver(num_blocks=200, max_num_tokens=12)
+    for d in (piped, serial):
+        for i in range(6):
+            d.add(f"r{i}", 3 + 2 * i, max_tokens=9 - i, outputs=[50 + i, 60 + i, 70 + i])
+    most = piped.run_pipelined(depth)
+    serial.run()
+    assert most == depth  # the pipeline was full at some point
+    assert {r: q.output_token_ids for r, q in piped.requests.items()} == {
+        r: q.output_token_ids for r, q in serial.requests.items()
+    }
+    assert (piped.scheduler.stats.num_preemptions > 0) == (num_blocks == 8)
+    piped.assert_pool_full()
 
 
 # -- abort in every state -------------------------------------------------------------------
