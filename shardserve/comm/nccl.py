@@ -77,8 +77,14 @@ class NcclCommunicator:
         unique_id = cpu.broadcast_object(nccl.get_unique_id() if cpu.rank == 0 else None, src=0)
         board = cpu._calls.board
         self.watcher = board.watch(self.ranks)
+        device = torch.cuda.current_device()
+
+        def create() -> Any:  # on a helper thread: the current CUDA device is per thread
+            torch.cuda.set_device(device)
+            return nccl.NcclCommunicator(self.world_size, unique_id, self.rank)
+
         self.comm = run_blocking(
-            lambda: nccl.NcclCommunicator(self.world_size, unique_id, self.rank),
+            create,
             self.watcher,
             self.default_timeout,
             f"creating the NCCL communicator of {cpu.name}",
@@ -161,6 +167,7 @@ class NcclWorldBackend:
     def make_groups(
         self, spec: WorldSpec, rank: int, board: RankBoard, store: dist.Store
     ) -> tuple[NcclCommunicator, NcclCommunicator]:
+        torch.cuda.set_device(rank % torch.cuda.device_count())  # rank r of a host drives GPU r (as the Worker)
         world, tp = self._gloo.make_groups(spec, rank, board, store)
         return NcclCommunicator(world), NcclCommunicator(tp)
 

@@ -102,6 +102,7 @@ def check_rank(world: Any, engine_dir: str, device_name: str, join_s: float) -> 
 
 
 def _time_all_reduce(comm: Communicator, data: torch.Tensor) -> float:
+    comm.all_reduce(data.clone())  # warm-up: first-use connection set-up is not timed
     comm.barrier()
     start = time.perf_counter()
     for _ in range(REPEATS):
@@ -120,7 +121,9 @@ def _ping(world: Any, data: torch.Tensor) -> float:
     prv = (world.rank - tp) % world.world_size
     comm.barrier()
     start = time.perf_counter()
-    for i in range(REPEATS):
+    for i in range(-1, REPEATS):  # round -1 warms the connections up
+        if i == 0:
+            start = time.perf_counter()
         if world.stage == 0:
             comm.send(data + i, dst=nxt)
             back = comm.recv(torch.empty_like(data), src=prv)

@@ -76,8 +76,11 @@ def world_spec(args: argparse.Namespace, config: DeploymentConfig) -> WorldSpec:
     engine = checkpoint.engine
     backend = resolve_backend(config.parallel.comm, config.model.device)
     p = config.parallel
-    return WorldSpec(backend, args.world_size or engine.world_size, engine.tp, args.rank, p.master_addr,
-                     p.master_port, p.timeout_s, p.heartbeat_timeout_s)  # fmt: skip
+    try:
+        return WorldSpec(backend, args.world_size or engine.world_size, engine.tp, args.rank, p.master_addr,
+                         p.master_port, p.timeout_s, p.heartbeat_timeout_s)  # fmt: skip
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -150,7 +150,7 @@ class Worker:
         model = load_model(checkpoint, arch, self.device, self.dtype, layout, max_len)
         layers = layout.stage.end - layout.stage.start
         per_block = kv_bytes_per_block(arch, cache.block_size, self.dtype, layout.tp_comm.world_size, layers)
-        self.num_blocks = agree_on_blocks(num_kv_blocks(cache, self.device, per_block), layout.world)
+        self.num_blocks = agree_on_blocks(num_kv_blocks(cache, self.device, per_block), layout.world, self.device)
         heads = max(1, arch.num_kv_heads // layout.tp_comm.world_size)
         shape = (2, self.num_blocks, cache.block_size, heads, arch.head_dim)
         # Zeroed: padded block-table entries are read (and masked) by the reference backend.
@@ -188,9 +188,9 @@ def rank_layout(checkpoint: Checkpoint, arch: ArchConfig, world: World | None, d
     return RankLayout(world.rank, world.world_size, plan.stage_of(world.rank), world.tp, links, world.world)
 
 
-def agree_on_blocks(mine: int, world: Communicator) -> int:
+def agree_on_blocks(mine: int, world: Communicator, device: torch.device) -> int:
     """The block count every rank can hold (the leader's pool size): the smallest over the world."""
     if world.world_size == 1:
         return mine
-    counts = world.all_gather(torch.tensor([mine], dtype=torch.int64), dim=0, timeout=None)
+    counts = world.all_gather(torch.tensor([mine], dtype=torch.int64, device=device), dim=0, timeout=None)
     return int(counts.min())
