@@ -190,22 +190,26 @@ class GlooCommunicator:
     def isend(self, tensor: torch.Tensor, dst: int) -> PendingOp:
         check_tensor(tensor, "isend")
         peer = self._calls.peer_rank(dst, "dst")
-        self._calls.check_usable()
         data = byte_view(tensor)
-        work = dist.isend(data, dst=self.ranks[peer], group=self.group, tag=TAG_TENSOR)
+        work = self._calls.post(
+            "isend", peer, lambda: dist.isend(data, dst=self.ranks[peer], group=self.group, tag=TAG_TENSOR)
+        )
         waiter = _WorkWaiter([work], f"isend to rank {self.ranks[peer]}")
         return PendingOp(self._calls, "isend", peer, waiter.done, waiter.finish, keep=(tensor, data))
 
     def isend_object(self, obj: Any, dst: int) -> PendingOp:
         peer = self._calls.peer_rank(dst, "dst")
-        self._calls.check_usable()
         payload = _bytes_tensor(pack_object(obj))
         size = torch.tensor([payload.numel()], dtype=torch.int64)
         dst_global = self.ranks[peer]
-        works = [
-            dist.isend(size, dst=dst_global, group=self.group, tag=TAG_OBJECT_SIZE),
-            dist.isend(payload, dst=dst_global, group=self.group, tag=TAG_OBJECT_DATA),
-        ]
+        works = self._calls.post(
+            "isend_object",
+            peer,
+            lambda: [
+                dist.isend(size, dst=dst_global, group=self.group, tag=TAG_OBJECT_SIZE),
+                dist.isend(payload, dst=dst_global, group=self.group, tag=TAG_OBJECT_DATA),
+            ],
+        )
         waiter = _WorkWaiter(works, f"isend_object to rank {dst_global}")
         return PendingOp(self._calls, "isend_object", peer, waiter.done, waiter.finish, keep=(size, payload))
 

@@ -12,10 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from shardserve.comm.base import DEFAULT, CommError, Timeout, resolve_timeout
 from shardserve.comm.board import RankBoard
 from shardserve.comm.waiting import Watcher, wait_until
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -76,16 +79,29 @@ class GroupCalls:
         label = self.label(op) if label is None else label
         peers = self._all_peers if peer is None else (self.ranks[peer],)
         self.board.enter(label)
+        call = Call(label, seconds, time.monotonic(), self.board.watch(peers))
         try:
-            yield Call(label, seconds, time.monotonic(), self.board.watch(peers))
+            yield call
         except CommError as exc:
             self.failed = exc
             raise
+        except Exception as exc:  # a backend error raised while posting (gloo: connection reset)
+            self.failed = call.fail(exc)
+            raise self.failed from exc
         except BaseException as exc:
             self.failed = CommError(f"rank {self.me}: {label} was interrupted ({type(exc).__name__})", ())
             raise
         finally:
             self.board.leave()
+
+    def post(self, op: str, peer: int, post: Callable[[], T]) -> T:
+        """Post a point-to-point operation; a backend error while posting becomes a CommError."""
+        self.check_usable()
+        try:
+            return post()
+        except Exception:
+            with self.call(op, DEFAULT, peer=peer):
+                raise
 
     def check_usable(self) -> None:
         if self.failed is not None:
