@@ -56,11 +56,11 @@ def write_checkpoint(path: Path, hidden: int, layers: int, inter: int, vocab: in
         max_position_embeddings=4096, rms_norm_eps=1e-5, torch_dtype="float16", bos_token_id=1, eos_token_id=2,
     )
     (path / "config.json").write_text(json.dumps(config))
-    _write_tokenizer(path)
+    write_tokenizer(path)
     return max(s.nbytes for s in specs)
 
 
-def _write_tokenizer(path: Path) -> None:
+def write_tokenizer(path: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -19,6 +19,7 @@ import torch
 
 
 def make_engine(root: Path, args: argparse.Namespace) -> Path:
+    from build_memory import write_tokenizer  # benchmarks/build_memory.py: a word-level test tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from shardserve.builder.build import BuildOptions, build_engine
@@ -27,6 +28,7 @@ def make_engine(root: Path, args: argparse.Namespace) -> Path:
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=4096, max_position_embeddings=1024)  # fmt: skip
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(root / "hf")
+    write_tokenizer(root / "hf")
     build_engine(root / "hf", root / "engine", BuildOptions(tp=args.tp, pp=args.pp, progress=False))
     return root / "engine"
 

@@ -14,7 +14,8 @@ Waiting requests are admitted by priority (higher first), then by arrival.
 
 Pipeline parallelism keeps several plans in flight: a request stays "in flight" from the
 plan that schedules it until `update` gets that plan's result, and is neither scheduled
-nor preempted meanwhile, so the next micro-batch is made of the other requests.
+nor preempted meanwhile, so the next micro-batch is made of the other requests. With
+`micro_batches` = n, a plan takes at most 1/n of the running requests, so n plans fill the pipeline.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, micro_batches: int = 1) -> None:
         self.config = config
         self.kv_cache = kv_cache
+        self.micro_batches = micro_batches  # plans in flight at once: each takes ~1/n of the running requests
         self.waiting: list[Request] = []  # sorted by (-priority, arrival)
         self.running: list[Request] = []  # admission order
         self.requests: dict[str, Request] = {}
@@ -125,8 +127,9 @@ class Scheduler:
     # -- internals -------------------------------------------------------------------------
     def _schedule_running(self, budget: int, scheduled: dict[str, int]) -> tuple[int, bool]:
         preempted = False
+        share = -(-len(self.running) // self.micro_batches)  # a micro-batch's share of the running requests
         for req in list(self.running):
-            if budget <= 0:
+            if budget <= 0 or len(scheduled) >= share:
                 break
             if req.status is not RequestStatus.RUNNING or req.request_id in self._in_flight:
                 continue  # preempted earlier in this loop, or still in the pipeline

@@ -22,6 +22,11 @@ class Executor(Protocol):
         """KV-cache blocks every rank can hold (the leader's block pool size)."""
         ...
 
+    @property
+    def max_in_flight(self) -> int:
+        """Plans the executor keeps in flight at once (the scheduler's micro-batches)."""
+        ...
+
     def run(self, plan: StepPlan) -> Completed: ...
 
     def shutdown(self) -> None: ...
@@ -29,6 +34,8 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """One rank, in this process."""
+
+    max_in_flight = 1
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker

@@ -16,6 +16,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from shardserve.comm.base import CommError, PendingSend
 from shardserve.config import ParallelConfig
 from shardserve.engine.step import StepPlan, StepResult
@@ -70,6 +72,10 @@ class GroupExecutor:
     def num_blocks(self) -> int:
         return self.worker.num_blocks
 
+    @property
+    def max_in_flight(self) -> int:
+        return self.depth
+
     def run(self, plan: StepPlan) -> Completed:
         try:
             if not plan.is_empty or plan.finished_request_ids:
@@ -113,6 +119,7 @@ class GroupExecutor:
             if self.failed is not None:
                 self.world.board.report_failure(self.failed)
             self.world.close()
+            torch.set_num_threads(self.worker.threads_before)
             if self.launcher is not None:
                 self.launcher.stop(clean=self.failed is None)
 

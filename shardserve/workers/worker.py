@@ -6,6 +6,7 @@ shard) and holds the KV cache of its layers and KV heads; all ranks agree on one
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -144,6 +145,9 @@ class Worker:
         world: World | None = None,
     ) -> None:
         self.device = resolve_device(model_config.device, world.rank if world is not None else 0)
+        self.threads_before = torch.get_num_threads()  # restored by the executor's shutdown
+        if world is not None and self.device.type == "cpu":  # ranks of one host share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.world_size))
         engine_dtype = checkpoint.engine.dtype if checkpoint.engine is not None else None
         self.dtype = resolve_dtype(model_config.dtype, arch, self.device, engine_dtype)
         layout = rank_layout(checkpoint, arch, world, self.dtype)

@@ -131,10 +131,11 @@ class Driver:
         max_num_sequences: int = 16,
         policy: SchedulerPolicy = MU,
         prefix_caching: bool = True,
+        micro_batches: int = 1,
     ) -> None:
         self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
         config = SchedulerConfig(policy=policy, max_num_tokens=max_num_tokens, max_num_sequences=max_num_sequences)
-        self.scheduler = Scheduler(config, self.kv)
+        self.scheduler = Scheduler(config, self.kv, micro_batches)
         self.ranks = FakeRanks(block_size)
         self.requests: dict[str, Request] = {}  # every request ever added
         self.scripts: dict[str, list[int]] = {}
@@ -637,13 +638,16 @@ def test_preempted_outputs_match_an_unconstrained_run() -> None:
 @pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("num_blocks", [8, 200])
 def test_pipelined_plans_hold_disjoint_requests_and_give_the_same_outputs(depth: int, num_blocks: int) -> None:
-    piped, serial = Driver(num_blocks=num_blocks, max_num_tokens=12), Driver(num_blocks=200, max_num_tokens=12)
+    piped = Driver(num_blocks=num_blocks, max_num_tokens=12, micro_batches=depth)
+    serial = Driver(num_blocks=200, max_num_tokens=12)
     for d in (piped, serial):
         for i in range(6):
             d.add(f"r{i}", 3 + 2 * i, max_tokens=9 - i, outputs=[50 + i, 60 + i, 70 + i])
     most = piped.run_pipelined(depth)
     serial.run()
     assert most == depth  # the pipeline was full at some point
+    decode_plans = [p for p in piped.plans if p.num_scheduled_tokens and not p.new_requests]
+    assert all(len(p.num_scheduled_tokens) <= -(-6 // depth) for p in decode_plans)  # each a share of the batch
     assert {r: q.output_token_ids for r, q in piped.requests.items()} == {
         r: q.output_token_ids for r, q in serial.requests.items()
     }
