@@ -22,6 +22,7 @@ from shardserve.comm.base import CommError, PendingSend
 from shardserve.config import ParallelConfig
 from shardserve.engine.step import StepPlan, StepResult
 from shardserve.workers.executor import Completed
+from shardserve.workers.model_runner import StageLinks
 from shardserve.workers.worker import Worker
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class GroupExecutor:
         self.depth = parallel.max_in_flight_batches or world.pp_size
         self.timeout = parallel.timeout_s
         self.sampler_rank = (world.pp_size - 1) * world.tp_size
-        self.channel = PlanChannel(world, self.timeout)
+        self.channel = PlanChannel(world, _links(worker), self.timeout)
         self.in_flight: deque[tuple[StepPlan, StepResult | None]] = deque()
         self.rank_stats: list[RankStats] = []
         self.failed: BaseException | None = None
@@ -139,12 +140,10 @@ class PlanChannel:
     """How plans reach a rank and move on: stage 0 by broadcast over its tp group (root: the
     leader), later stages from their tp peer in the previous stage; each forwards to the next."""
 
-    def __init__(self, world: World, timeout: float) -> None:
+    def __init__(self, world: World, links: StageLinks, timeout: float) -> None:
         self.world = world
         self.timeout = timeout
-        last = world.pp_size - 1
-        self.prev = world.rank - world.tp_size if world.stage > 0 else None
-        self.next = world.rank + world.tp_size if world.stage < last else None
+        self.prev, self.next = links.prev, links.next  # the same neighbours as the hidden states
         self._sent: PendingSend | None = None
 
     def receive(self) -> StepPlan | None:
@@ -175,13 +174,13 @@ def follow(worker: Worker, world: World) -> RankStats:
 
     Idle waits have no deadline but end with an error naming the leader if it dies or stops."""
     timeout = world.spec.timeout_s
-    channel = PlanChannel(world, timeout)
+    links = _links(worker)
+    channel = PlanChannel(world, links, timeout)
     comm = world.world
-    sampler_rank = (world.pp_size - 1) * world.tp_size
     sent: PendingSend | None = None
     while (plan := channel.receive()) is not None:
         result = worker.runner.execute(plan)
-        if world.rank == sampler_rank:
+        if links.samples:  # the last stage's tp rank 0 (never the leader here)
             if sent is not None:
                 sent.wait(timeout)
             sent = comm.isend_object(result, dst=0)
@@ -192,6 +191,13 @@ def follow(worker: Worker, world: World) -> RankStats:
     stats = RankStats.of(worker)
     comm.send_object(stats, dst=0)
     return stats
+
+
+def _links(worker: Worker) -> StageLinks:
+    links = worker.layout.links
+    if links is None:
+        raise ValueError("a rank of a world needs its pipeline links (Worker built with a World)")
+    return links
 
 
 def describe_stats(stats: list[RankStats]) -> str:
