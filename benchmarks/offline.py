@@ -1,24 +1,51 @@
 """Offline throughput: N requests of fixed input/output length, all at once, through shardserve's
-`LLMEngine` and through transformers `generate` on the same checkpoint, in the same run.
+`LLMEngine` and through transformers `generate` on the same model, in the same run.
 
     python benchmarks/offline.py [--model PATH] [--num-requests 16] [--input-len 128] [--output-len 128]
                                  [--dtype float32|bfloat16] [--skip-baseline] [--json]
+    python benchmarks/offline.py --device cuda --arch llama3-8b [--quantization fp8] [--num-requests 1024]
+                                 [--baseline-batch 256] [--decode-step] [--json]
 
-Prints output tokens/s of both and their ratio (best of --repeats alternating runs, since a shared
-2-core machine is noisy). PATH defaults to the bundled SmolLM2 GGUF.
+CPU (default): PATH defaults to the bundled SmolLM2 GGUF; prints output tokens/s of both and their
+ratio (best of --repeats alternating runs, since a shared 2-core machine is noisy).
+
+`--arch`: a Llama of that shape with random weights made on the device (no download, no disk:
+`model.load_format: dummy`); the transformers baseline is the same config initialised on the
+device, run first and freed. Besides tokens/s it prints mean TTFT, mean time per output token
+and, with --decode-step, the batch-1 decode step against the memory roofline (weight bytes over
+the device-to-device copy bandwidth measured in the same run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+# Published shapes (config.json of each model); weights are random.
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, tie_word_embeddings=False),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, tie_word_embeddings=True),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, tie_word_embeddings=False, vocab_size=4096),
+}  # fmt: skip
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
 
 
 @dataclass
@@ -26,7 +53,8 @@ class Result:
     name: str
     seconds: float
     output_tokens: int
-    ttft_s: float | None = None
+    ttft_s: float | None = None  # mean over requests, from the start of the run
+    tpot_s: float | None = None  # mean over requests: (last token − first token) / (tokens − 1)
 
     @property
     def tokens_per_s(self) -> float:
@@ -38,101 +66,271 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     return torch.randint(100, vocab - 100, (n, length), generator=g).tolist()
 
 
-def run_shardserve(model: str | None, prompts: list[list[int]], output_len: int, dtype: str) -> Result:
+def write_arch(root: Path, name: str) -> Path:
+    """config.json of a Llama with `ARCHS[name]`'s shape, and a small word-level tokenizer."""
+    from build_memory import write_tokenizer  # benchmarks/build_memory.py
+
+    shape = dict(ARCHS[name])
+    config = dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=shape.pop("vocab_size", 128256),
+        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
+        torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2, **shape,
+    )  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(config))
+    write_tokenizer(root)
+    return root
+
+
+def engine_sections(args: argparse.Namespace, model: str, num_seqs: int) -> dict[str, dict[str, Any]]:
+    model_section: dict[str, Any] = {"path": model, "dtype": args.dtype, "device": args.device}
+    if args.arch:
+        model_section |= {"load_format": "dummy", "max_model_len": args.input_len + args.output_len + 8}
+    if args.quantization != "none":
+        model_section["quantization"] = args.quantization
+    if args.eager:
+        model_section["cuda_graphs"] = False
+    model_section["cuda_graph_max_batch"] = min(num_seqs, args.max_num_seqs)
+    return {
+        "model": model_section,
+        "scheduler": {"max_num_sequences": min(num_seqs, args.max_num_seqs), "max_num_tokens": args.max_num_tokens},
+    }
+
+
+def run_shardserve(args: argparse.Namespace, model: str, prompts: list[list[int]], output_len: int) -> Result:
+    from shardserve.config import DeploymentConfig
     from shardserve.engine.engine import LLMEngine
     from shardserve.engine.request import SamplingParams
 
-    engine = LLMEngine.from_model(
-        model, model={"dtype": dtype}, scheduler={"max_num_sequences": len(prompts), "max_num_tokens": 4096}
-    )
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    engine.add_request(prompts[0][:8], SamplingParams(max_tokens=2))  # warm-up
-    while engine.has_unfinished_requests():
-        engine.step()
-    start = time.perf_counter()
-    for p in prompts:
-        engine.add_request(p, params)
-    tokens, first = 0, None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            tokens += len(out.new_token_ids)
-            first = first if first is not None else time.perf_counter() - start
-    return Result("shardserve", time.perf_counter() - start, tokens, first)
+    engine = LLMEngine(DeploymentConfig.from_dict(engine_sections(args, model, len(prompts))))
+    try:
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, detokenize=args.detokenize)
+        engine.add_request(prompts[0][:8], SamplingParams(max_tokens=2))  # warm-up
+        while engine.has_unfinished_requests():
+            engine.step()
+        _sync()
+        start = time.perf_counter()
+        for p in prompts:
+            engine.add_request(p, params)
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        steps = 0
+        while engine.has_unfinished_requests():
+            with profiled(args, steps):
+                outs = engine.step()
+            steps += 1
+            now = time.perf_counter() - start
+            for out in outs:
+                if out.new_token_ids:
+                    first.setdefault(out.request_id, now)
+                    last[out.request_id] = now
+                    counts[out.request_id] = counts.get(out.request_id, 0) + len(out.new_token_ids)
+        seconds = time.perf_counter() - start
+    finally:
+        engine.shutdown()
+    tpots = [(last[r] - first[r]) / (counts[r] - 1) for r in first if counts[r] > 1]
+    return Result(
+        "shardserve", seconds, sum(counts.values()), statistics.fmean(first.values()),
+        statistics.fmean(tpots) if tpots else None,
+    )  # fmt: skip
 
 
-def load_transformers(model: str, dtype: str):  # noqa: ANN201 - a transformers model
-    from transformers import AutoModelForCausalLM
+@contextlib.contextmanager
+def profiled(args: argparse.Namespace, step: int) -> Iterator[None]:
+    """With --profile FILE: steps 40..49 of the run under the torch profiler, its table to FILE."""
+    if not args.profile or not 40 <= step < 50:
+        yield
+        return
+    global _PROFILER
+    if step == 40:
+        _PROFILER = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        )
+        _PROFILER.__enter__()
+    yield
+    if step == 49:
+        _sync()
+        _PROFILER.__exit__(None, None, None)
+        table = _PROFILER.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60)
+        Path(args.profile).write_text(table)
+
+
+_PROFILER: Any = None
+
+
+def decode_step(args: argparse.Namespace, model: str, vocab: int) -> dict[str, float]:
+    """Batch 1: median engine step while decoding (host work included) against the roofline."""
+    from shardserve.config import DeploymentConfig
+    from shardserve.engine.engine import LLMEngine
+    from shardserve.engine.request import SamplingParams
+
+    engine = LLMEngine(DeploymentConfig.from_dict(engine_sections(args, model, 1)))
+    try:
+        weights = sum(p.numel() * p.element_size() for p in engine.executor.worker.runner.model.parameters())  # type: ignore[attr-defined]
+        embed = engine.executor.worker.runner.model.model.embed_tokens.weight  # type: ignore[attr-defined]
+        if not ARCHS[args.arch]["tie_word_embeddings"]:
+            weights -= embed.numel() * embed.element_size()  # a step reads one row of it
+        engine.add_request(make_prompts(1, args.input_len, vocab)[0], SamplingParams(max_tokens=64, ignore_eos=True))
+        times = []
+        while engine.has_unfinished_requests():
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+    finally:
+        engine.shutdown()
+    step = statistics.median(times[2:])
+    bandwidth = copy_bandwidth()
+    roofline = weights / bandwidth
+    return {"step_ms": step * 1e3, "weight_gb": weights / 1e9, "copy_gb_s": bandwidth / 1e9,
+            "roofline_ms": roofline * 1e3, "vs_roofline": step / roofline, "achieved_gb_s": weights / step / 1e9}  # fmt: skip
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), best of 10."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        _sync()
+        t = time.perf_counter()
+        dst.copy_(src)
+        _sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def load_transformers(args: argparse.Namespace, model: str):  # noqa: ANN201 - a transformers model
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(model)
-    torch_dtype = getattr(torch, dtype)
+    dtype = getattr(torch, args.dtype)
+    if args.arch:  # random weights made on the device, like ours
+        with torch.device(args.device):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=dtype)
     if path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(args.device)
 
 
-def run_transformers(model: str, prompts: list[list[int]], output_len: int, dtype: str) -> Result:
-    hf = load_transformers(model, dtype).eval()
-    ids = torch.tensor(prompts)
+def run_transformers(args: argparse.Namespace, model: str, prompts: list[list[int]], output_len: int) -> Result:
+    hf = load_transformers(args, model).eval()
+    ids = torch.tensor(prompts[: args.baseline_batch or None], device=args.device)
     kwargs = dict(do_sample=False, pad_token_id=0)
-    with torch.inference_mode():
-        warm = ids[:1, :8]
-        hf.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, **kwargs)
-        start = time.perf_counter()
-        out = hf.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len, min_new_tokens=output_len, **kwargs
-        )
-        seconds = time.perf_counter() - start
+    try:
+        with torch.inference_mode():
+            warm = ids[:1, :8]
+            hf.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, **kwargs)
+            _sync()
+            start = time.perf_counter()
+            out = hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len, min_new_tokens=output_len, **kwargs
+            )
+            _sync()
+            seconds = time.perf_counter() - start
+    finally:
+        del hf
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return Result("transformers", seconds, (out.shape[1] - ids.shape[1]) * ids.shape[0])
 
 
-def main(argv: list[str] | None = None) -> int:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF dir or .gguf (default: the bundled SmolLM2)")
+    ap.add_argument("--arch", choices=sorted(ARCHS), help="random weights of this shape instead of --model")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8_weight_only"])
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: float32 on CPU, bfloat16 on CUDA")  # fmt: skip
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="scheduler.max_num_sequences")
+    ap.add_argument("--max-num-tokens", type=int, default=4096, help="scheduler.max_num_tokens")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--detokenize", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--profile", help="write a torch profiler table of steps 40-49 to this file")
+    ap.add_argument("--decode-step", action="store_true", help="also time the batch-1 decode step (CUDA)")
     ap.add_argument("--skip-baseline", action="store_true", help="do not run transformers")
-    ap.add_argument("--repeats", type=int, default=2, help="alternate the engines this often; report each one's best")
+    ap.add_argument("--baseline-batch", type=int, default=0, help="transformers runs only the first N (0: all)")
+    ap.add_argument("--repeats", type=int, default=None, help="alternate the engines this often (default 2 on CPU)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args(argv)
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    args.repeats = args.repeats or (2 if args.device == "cpu" else 1)
+    return args
 
-    from shardserve.demo import default_model_path
 
-    model = args.model or str(default_model_path())
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.arch:
+            model = str(write_arch(Path(tmp) / args.arch, args.arch))
+        else:
+            from shardserve.demo import default_model_path
+
+            model = args.model or str(default_model_path())
+        report = run_all(args, model)
+    print(json.dumps(report, indent=2) if args.json else table(report))
+    return 0
+
+
+def run_all(args: argparse.Namespace, model: str) -> dict[str, Any]:
     from shardserve.builder.checkpoint import open_checkpoint
 
-    vocab = int(open_checkpoint(model).config["vocab_size"])
+    vocab = int(open_checkpoint(model, require_weights=not args.arch).config["vocab_size"])
     prompts = make_prompts(args.num_requests, args.input_len, vocab)
-    runners = [run_shardserve] + ([] if args.skip_baseline else [run_transformers])
-    runs = [[run(model, prompts, args.output_len, args.dtype) for run in runners] for _ in range(args.repeats)]
+    runners = ([] if args.skip_baseline else [run_transformers]) + [run_shardserve]  # baseline first: it frees
+    runs = [[run(args, model, prompts, args.output_len) for run in runners] for _ in range(args.repeats)]
     results = [min(column, key=lambda r: r.seconds) for column in zip(*runs, strict=True)]
-    report = {
-        "model": model,
-        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+    report: dict[str, Any] = {
+        "model": args.arch or model,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "num_requests": args.num_requests,
-        "input_len": args.input_len,
-        "output_len": args.output_len,
-        "dtype": args.dtype,
-        "repeats": args.repeats,
+        "torch": torch.__version__,
+        **{k: getattr(args, k) for k in ("num_requests", "input_len", "output_len", "dtype", "quantization")},
+        **{k: getattr(args, k) for k in ("max_num_seqs", "max_num_tokens", "eager", "detokenize", "repeats")},
+        "baseline_batch": args.baseline_batch or args.num_requests,
         "all_tokens_per_s": [[round(r.tokens_per_s, 1) for r in row] for row in runs],
         "results": [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in results],
     }
     if len(results) == 2:
-        report["ratio"] = results[0].tokens_per_s / results[1].tokens_per_s
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"{args.num_requests} requests × {args.input_len} in / {args.output_len} out, {args.dtype}, {report['device']}, "
-          f"best of {args.repeats} alternating runs (all: {report['all_tokens_per_s']} tok/s)")
-    print(f"{'engine':<14}{'seconds':>10}{'out tokens':>12}{'tok/s':>10}")
-    for r in results:
-        print(f"{r.name:<14}{r.seconds:>10.2f}{r.output_tokens:>12}{r.tokens_per_s:>10.1f}")
+        report["ratio"] = results[1].tokens_per_s / results[0].tokens_per_s
+    if args.decode_step and args.arch and args.device == "cuda":
+        report["decode_step"] = decode_step(args, model, vocab)
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['model']}: {report['num_requests']} requests × {report['input_len']} in / {report['output_len']} out, "
+        f"{report['dtype']}, quantization {report['quantization']}, {report['device']} "
+        f"(transformers: first {report['baseline_batch']}; all runs {report['all_tokens_per_s']} tok/s)",
+        f"{'engine':<14}{'seconds':>10}{'out tokens':>12}{'tok/s':>10}{'TTFT ms':>10}{'TPOT ms':>10}",
+    ]
+    for r in report["results"]:
+        ttft = f"{r['ttft_s'] * 1e3:.1f}" if r["ttft_s"] is not None else "-"
+        tpot = f"{r['tpot_s'] * 1e3:.2f}" if r["tpot_s"] is not None else "-"
+        lines.append(
+            f"{r['name']:<14}{r['seconds']:>10.2f}{r['output_tokens']:>12}{r['tokens_per_s']:>10.1f}{ttft:>10}{tpot:>10}"
+        )
     if "ratio" in report:
-        print(f"ratio shardserve / transformers: {report['ratio']:.2f}")
-    return 0
+        lines.append(f"ratio shardserve / transformers: {report['ratio']:.2f}")
+    if "decode_step" in report:
+        d = report["decode_step"]
+        lines.append(
+            f"batch-1 decode step {d['step_ms']:.2f} ms; roofline {d['roofline_ms']:.2f} ms "
+            f"({d['weight_gb']:.2f} GB at {d['copy_gb_s']:.0f} GB/s copy) → {d['vs_roofline']:.2f}× roofline, "
+            f"{d['achieved_gb_s']:.0f} GB/s achieved"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,10 @@ from shardserve.workers.entry import add_worker_parser
 
 def _generate_parser(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate completions offline (in-flight batched)")
-    p.add_argument("--model-dir", help="HF checkpoint dir or .gguf file (default: bundled SmolLM2)")
+    p.add_argument(
+        "--model-dir", "--engine-dir", dest="model_dir",
+        help="HF checkpoint dir, .gguf file or engine dir (default: bundled SmolLM2)",
+    )  # fmt: skip
     p.add_argument("--tokenizer-dir", help="tokenizer dir if not beside the model")
     p.add_argument("--config", help="deployment YAML (its model/cache/scheduler sections)")
     src = p.add_mutually_exclusive_group()

@@ -36,6 +36,13 @@ class ModelConfig(_Section):
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
     max_model_len: int | None = Field(None, ge=1, description="cap on prompt + output tokens")
     seed: int = Field(0, description="seed of requests that set none")
+    load_format: str = Field("auto", pattern="^(auto|dummy)$", description="dummy: random weights (benchmarks)")
+    quantization: str = Field(
+        "none", pattern="^(none|fp8|int8_weight_only)$", description="quantize a HF checkpoint's linears at load"
+    )
+    attention: str = Field("auto", pattern="^(auto|torch|triton)$", description="auto: triton on CUDA, torch on CPU")
+    cuda_graphs: bool = Field(True, description="replay decode steps from CUDA graphs (a CUDA rank of a world of one)")
+    cuda_graph_max_batch: int = Field(256, ge=1, description="largest decode batch captured")
 
 
 class CacheConfig(_Section):

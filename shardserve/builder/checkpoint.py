@@ -72,7 +72,9 @@ class Checkpoint:
         return _auto_tokenizer(self.path)
 
 
-def open_checkpoint(path: str | Path, tokenizer: str | Path | None = None) -> Checkpoint:
+def open_checkpoint(path: str | Path, tokenizer: str | Path | None = None, require_weights: bool = True) -> Checkpoint:
+    """A HF directory, .gguf file or engine directory; `require_weights=False` accepts a HF
+    directory with only config.json and a tokenizer (random weights: `model.load_format: dummy`)."""
     path = Path(path)
     tok = Path(tokenizer) if tokenizer is not None else None
     if not path.exists():
@@ -96,13 +98,19 @@ def open_checkpoint(path: str | Path, tokenizer: str | Path | None = None) -> Ch
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
-    files = _weight_files(path)
+    files = _weight_files(path) if require_weights or _has_weights(path) else ()
     for file in files:
         if file.suffix == ".safetensors":
             check_safetensors(file)
     if tok is None and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise CheckpointError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     return Checkpoint(path, config, files, tok)
+
+
+def _has_weights(path: Path) -> bool:
+    return (
+        (path / SAFETENSORS_INDEX).is_file() or any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+    )
 
 
 def _weight_files(path: Path) -> tuple[Path, ...]:

@@ -51,7 +51,9 @@ class LLMEngine:
         from shardserve.demo import default_model_path
 
         self.config = config
-        checkpoint = open_checkpoint(config.model.path or default_model_path(), config.model.tokenizer)
+        checkpoint = open_checkpoint(
+            config.model.path or default_model_path(), config.model.tokenizer, config.model.load_format != "dummy"
+        )
         self.arch = parse_arch(checkpoint.config)  # unsupported architectures fail before any weight is read
         self.tokenizer = checkpoint.load_tokenizer()
         self.max_model_len = max_model_len(checkpoint, self.arch, config)

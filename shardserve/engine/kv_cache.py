@@ -154,7 +154,8 @@ class KVCacheManager:
 
     def num_new_blocks(self, req: Request, num_new_tokens: int, prefix: CachedPrefix | None = None) -> int:
         """Blocks that must come from the free queue to hold `num_new_tokens` more tokens of `req`."""
-        prefix = prefix or CachedPrefix(block_size=self.block_size)
+        if prefix is None:  # the common case (a running request), kept cheap
+            return max(0, -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - len(req.block_ids))
         total = req.num_computed_tokens + prefix.num_tokens + num_new_tokens
         have = len(req.block_ids) + len(prefix.block_ids)
         return max(0, self.blocks_needed(total) - have) + self.pool.num_free_among(prefix.block_ids)
@@ -195,11 +196,16 @@ class KVCacheManager:
                 self.pool.uncache(block_id)
         self.pool.free(req.block_ids)
         req.block_ids = []
+        req.num_registered_blocks = 0
 
     def _cache_full_blocks(self, req: Request, num_full: int) -> None:
+        """Register the full blocks not registered yet (earlier ones were, when they filled)."""
+        if num_full <= req.num_registered_blocks:
+            return
         self._extend_hashes(req, num_full)
-        for i in range(num_full):
+        for i in range(req.num_registered_blocks, num_full):
             self.pool.cache(req.block_ids[i], req.block_hashes[i])
+        req.num_registered_blocks = num_full
 
     def _extend_hashes(self, req: Request, num_full: int) -> None:
         tokens = req.token_ids

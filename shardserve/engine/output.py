@@ -18,7 +18,7 @@ CONTEXT_TOKENS = 6  # prompt tokens decoded with the output for correct spacing
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer if params.detokenize else None  # no tokenizer: ids only, text stays ""
         self.params = params
         context = prompt_token_ids[-CONTEXT_TOKENS:]
         self.tokens: list[int] = list(context)

@@ -53,6 +53,7 @@ class SamplingParams:
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     logprobs: int | None = None  # top-n log-probabilities per generated token
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only, no text (and no stop_words)
 
     def __post_init__(self) -> None:
         for name in ("stop_words", "bad_words", "stop_token_ids"):
@@ -85,6 +86,8 @@ class SamplingParams:
             fail(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             fail(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.stop_words and not self.detokenize:
+            fail("stop_words are matched on text: they need detokenize=True")
         if any(not s for s in self.stop_words):
             fail("stop_words must not contain an empty string")
         if any(not w for w in self.bad_words) or any(not s for s in self.bad_words_token_ids):
@@ -117,10 +120,18 @@ class Request:
     finish_reason: FinishReason | None = None
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    num_registered_blocks: int = 0  # leading blocks of `block_ids` already in the prefix cache
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def tokens_from(self, start: int) -> list[int]:
+        """`token_ids[start:]` without copying the whole sequence."""
+        prompt = len(self.prompt_token_ids)
+        if start >= prompt:
+            return self.output_token_ids[start - prompt :]
+        return self.prompt_token_ids[start:] + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:

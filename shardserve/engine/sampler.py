@@ -45,6 +45,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         # logits: [rows, vocab]
+        if all(_plain_greedy(r) for r in rows):  # the common batch: one argmax, no copies
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
         logits = logits.float()
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
@@ -87,6 +89,11 @@ class Sampler:
             gen.manual_seed(self.seed)
             self._generators[device] = gen
         return gen
+
+
+def _plain_greedy(row: SamplingRow) -> bool:
+    p = row.params
+    return p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not banned_token_ids(row)
 
 
 def apply_penalties_and_bans(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -134,7 +134,8 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING or req.request_id in self._in_flight:
                 continue  # preempted earlier in this loop, or still in the pipeline
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv_cache.can_allocate(req, n):
+            fits = self.kv_cache.can_allocate(req, n)
+            while not fits:
                 if self.config.policy is SchedulerPolicy.GUARANTEED_COMPLETION:
                     raise RuntimeError(f"request {req.request_id} outgrew its reserved blocks")
                 victim = self._newest_running()
@@ -145,7 +146,8 @@ class Scheduler:
                 preempted = True
                 if victim is req:
                     break
-            if req.status is RequestStatus.RUNNING and self.kv_cache.can_allocate(req, n):
+                fits = self.kv_cache.can_allocate(req, n)
+            if fits:
                 self.kv_cache.allocate(req, n)
                 scheduled[req.request_id] = n
                 budget -= n
@@ -210,7 +212,7 @@ class Scheduler:
                 cached.append(
                     CachedRequestData(
                         request_id,
-                        req.token_ids[sent.num_tokens :],
+                        req.tokens_from(sent.num_tokens),
                         req.block_ids[sent.num_blocks :],
                         req.num_computed_tokens,
                     )

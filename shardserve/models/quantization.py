@@ -54,6 +54,19 @@ def quantize_linears(model: nn.Module, method: str) -> None:
         module.quantization = method
 
 
+def quantize_loaded(model: nn.Module, method: str) -> None:
+    """Quantize the loaded float weights of every parallel linear layer in place (at run time,
+    for a checkpoint that was not built quantized), one layer at a time."""
+    from shardserve.models.layers import ColumnParallelLinear, RowParallelLinear
+
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear | RowParallelLinear):
+            q, scale = quantize_weight(module.weight.data, method)
+            module.weight = nn.Parameter(q, requires_grad=False)
+            module.weight_scale = nn.Parameter(scale, requires_grad=False)
+            module.quantization = method
+
+
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # x: [tokens, in]; weight: [out, in] fp8/int8; scale: [out] float32 -> [tokens, out]
     if weight.dtype == torch.float8_e4m3fn and _has_fp8_mm(x, weight):

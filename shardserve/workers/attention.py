@@ -53,6 +53,10 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    def build_metadata(self, seqs: list[SeqSpan], block_size: int, device: torch.device) -> AttentionMetadata:
+        """The step's metadata, once for all layers (device tensors the kernels read)."""
+        ...
+
     def forward(
         self,
         q: torch.Tensor,
@@ -73,6 +77,9 @@ class AttentionBackend(Protocol):
 
 class TorchAttentionBackend:
     """Reference backend: SDPA over keys gathered from the block tables (CPU and CUDA)."""
+
+    def build_metadata(self, seqs: list[SeqSpan], block_size: int, device: torch.device) -> AttentionMetadata:
+        return AttentionMetadata.build(seqs, block_size, device)
 
     def forward(
         self,

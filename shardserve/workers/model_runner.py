@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from shardserve.engine.request import SamplingParams
 from shardserve.engine.sampler import Sampler, SamplingRow
 from shardserve.engine.step import CachedRequestData, NewRequestData, StepPlan, StepResult
 from shardserve.workers.attention import AttentionBackend, AttentionMetadata, ForwardContext, SeqSpan
+
+if TYPE_CHECKING:
+    from shardserve.workers.cuda_graphs import DecodeGraphs
 
 
 @dataclass(slots=True)
@@ -42,6 +46,7 @@ class _Batch:
     meta: AttentionMetadata
     sample_ids: list[str]  # requests sampled this step
     sample_index: torch.Tensor  # [sampled] flat index of each one's last token
+    decode_only: bool  # every sequence has one token this step
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,7 @@ class ModelRunner:
         sampler: Sampler,
         device: torch.device,
         links: StageLinks | None = None,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -92,6 +98,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.links = links
+        self.graphs = graphs  # captured decode steps (a CUDA rank of a world of one)
         self.requests: dict[str, _RequestState] = {}
         self.times = RunnerTimes()
         self._sent: PendingSend | None = None  # the last hidden states posted to the next stage
@@ -106,11 +113,15 @@ class ModelRunner:
             self.times.first_start = time.perf_counter()
         hidden_in = self._receive(len(batch.ids))
         start = time.perf_counter()
-        ctx = ForwardContext(batch.meta, self.kv_caches, self.backend)
-        hidden = self.model(batch.ids, batch.positions, ctx, hidden=hidden_in)
+        if self.graphs is not None and batch.decode_only and self.graphs.fits(len(batch.ids)):
+            logits = self.graphs.run(batch.ids, batch.positions, batch.meta)  # type: ignore[arg-type]
+            result = self._sample(plan, batch, logits[batch.sample_index])
+        else:
+            ctx = ForwardContext(batch.meta, self.kv_caches, self.backend)
+            hidden = self.model(batch.ids, batch.positions, ctx, hidden=hidden_in)
+            result = self._finish(plan, batch, hidden)
         for request_id, n in plan.num_scheduled_tokens.items():
             self.requests[request_id].num_computed_tokens += n
-        result = self._finish(plan, batch, hidden)
         self.times.last_end = time.perf_counter()
         self.times.busy_s += self.times.last_end - start
         self.times.steps += 1
@@ -136,6 +147,11 @@ class ModelRunner:
             return StepResult(plan.step_id)
         logits = self.model.compute_logits(hidden[batch.sample_index])  # [sampled, vocab]
         if links is not None and not links.samples:
+            return StepResult(plan.step_id)
+        return self._sample(plan, batch, logits)
+
+    def _sample(self, plan: StepPlan, batch: _Batch, logits: torch.Tensor) -> StepResult:
+        if not batch.sample_ids:
             return StepResult(plan.step_id)
         out = self.sampler(logits, [self.requests[r].row() for r in batch.sample_ids])
         logprobs = {r: lp for r, lp in zip(batch.sample_ids, out.logprobs, strict=True) if lp is not None}
@@ -182,9 +198,10 @@ class ModelRunner:
         return _Batch(
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
-            AttentionMetadata.build(seqs, self.block_size, dev),
+            self.backend.build_metadata(seqs, self.block_size, dev),
             sample_ids,
             torch.tensor(sample_index, dtype=torch.long, device=dev),
+            len(ids) == len(seqs),
         )
 
 

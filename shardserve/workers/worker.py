@@ -21,9 +21,9 @@ from shardserve.config import CacheConfig, ModelConfig
 from shardserve.engine.sampler import Sampler
 from shardserve.models.arch import ArchConfig
 from shardserve.models.base import Stage
-from shardserve.models.quantization import quantize_linears
+from shardserve.models.quantization import quantize_linears, quantize_loaded
 from shardserve.models.registry import model_class
-from shardserve.workers.attention import TorchAttentionBackend
+from shardserve.workers.attention import AttentionBackend, TorchAttentionBackend
 from shardserve.workers.model_runner import ModelRunner, StageLinks
 
 if TYPE_CHECKING:
@@ -64,9 +64,12 @@ def load_model(
     dtype: torch.dtype,
     layout: RankLayout,
     max_len: int,
+    load_format: str = "auto",
+    quantization: str = "none",
 ) -> nn.Module:
     """Build this rank's model (its stage, its tp shard) and fill it: from the full checkpoint
-    (a world of one), or from its engine rank file."""
+    (a world of one), from its engine rank file, or with random weights (`load_format="dummy"`).
+    `quantization` quantizes a checkpoint's float linears after loading (engines are built so)."""
     cls = model_class(arch)
     engine = checkpoint.engine
     world_size = engine.world_size if engine is not None else 1
@@ -84,14 +87,38 @@ def load_model(
                 quantize_linears(model, engine.quantization)
     finally:
         torch.set_default_dtype(previous)
-    if engine is not None:
-        loaded = model.load_weights(checkpoint.iter_rank_tensors(layout.rank), presharded=True)
+    if quantization != "none" and engine is not None and engine.quantization != quantization:
+        raise CheckpointError(
+            f"{checkpoint.path}: the engine was built with quantization {engine.quantization}; "
+            f"model.quantization asks for {quantization}"
+        )
+    if load_format == "dummy":
+        random_weights(model, seed=layout.rank)
     else:
-        loaded = model.load_weights(checkpoint.iter_tensors())
-    missing = sorted({name for name, _ in model.named_parameters()} - loaded)
-    if missing:
-        raise CheckpointError(f"{checkpoint.path}: rank {layout.rank}: missing tensors: {', '.join(missing[:5])}")
+        if engine is not None:
+            loaded = model.load_weights(checkpoint.iter_rank_tensors(layout.rank), presharded=True)
+        else:
+            loaded = model.load_weights(checkpoint.iter_tensors())
+        missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+        if missing:
+            raise CheckpointError(f"{checkpoint.path}: rank {layout.rank}: missing tensors: {', '.join(missing[:5])}")
+    if quantization != "none" and (engine is None or engine.quantization == "none"):
+        quantize_loaded(model, quantization)
     return model.eval()
+
+
+@torch.no_grad()
+def random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Fill every parameter on its device: matrices N(0, std²), norms 1, biases 0, and an engine's
+    quantized weights small-dtype noise with scales that keep activations in range."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            param.fill_(0.0 if name.endswith("bias") else std / 4 if name.endswith("weight_scale") else 1.0)
+        elif param.dtype.is_floating_point and param.dtype.itemsize > 1:
+            param.normal_(0.0, std, generator=gen)
+        else:  # an engine's quantized weights: random values of the small dtype
+            param.copy_(torch.randn(param.shape, generator=gen, device=param.device).clamp(-4, 4).to(param.dtype))
 
 
 def kv_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype, tp: int = 1, layers: int = 0) -> int:
@@ -151,7 +178,16 @@ class Worker:
         engine_dtype = checkpoint.engine.dtype if checkpoint.engine is not None else None
         self.dtype = resolve_dtype(model_config.dtype, arch, self.device, engine_dtype)
         layout = rank_layout(checkpoint, arch, world, self.dtype)
-        model = load_model(checkpoint, arch, self.device, self.dtype, layout, max_len)
+        model = load_model(
+            checkpoint,
+            arch,
+            self.device,
+            self.dtype,
+            layout,
+            max_len,
+            model_config.load_format,
+            model_config.quantization,
+        )
         layers = layout.stage.end - layout.stage.start
         per_block = kv_bytes_per_block(arch, cache.block_size, self.dtype, layout.tp_comm.world_size, layers)
         self.num_blocks = agree_on_blocks(num_kv_blocks(cache, self.device, per_block), layout.world, self.device)
@@ -161,9 +197,31 @@ class Worker:
         kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
         sampler = Sampler(seed=model_config.seed)
         self.layout = layout
+        backend = attention_backend(model_config, arch, self.device, layout.tp_comm.world_size)
+        graphs = None
+        if model_config.cuda_graphs and self.device.type == "cuda" and layout.world_size == 1:
+            from shardserve.workers.cuda_graphs import DecodeGraphs
+            from shardserve.workers.triton_attention import TritonAttentionBackend
+
+            if isinstance(backend, TritonAttentionBackend):
+                graphs = DecodeGraphs(
+                    model, kv_caches, backend, cache.block_size, max_len, model_config.cuda_graph_max_batch, self.device
+                )
         self.runner = ModelRunner(
-            model, kv_caches, cache.block_size, TorchAttentionBackend(), sampler, self.device, layout.links
+            model, kv_caches, cache.block_size, backend, sampler, self.device, layout.links, graphs
         )
+
+
+def attention_backend(config: ModelConfig, arch: ArchConfig, device: torch.device, tp: int) -> AttentionBackend:
+    """`model.attention`: the Triton kernels on CUDA (auto), the torch reference elsewhere."""
+    name = config.attention
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    from shardserve.workers.triton_attention import TritonAttentionBackend
+
+    return TritonAttentionBackend(arch.num_heads // tp, max(1, arch.num_kv_heads // tp))
 
 
 def rank_layout(checkpoint: Checkpoint, arch: ArchConfig, world: World | None, dtype: torch.dtype) -> RankLayout:

@@ -263,3 +263,17 @@ def test_multibyte_text_with_holdback(tokenizer: Any) -> None:
     assert s.stop is None
     assert not any("\ufffd" in d for d in s.deltas)
     assert_streamed_prefixes(s, output)
+
+
+def test_detokenize_false_gives_no_text(tokenizer: Any) -> None:
+    detok = IncrementalDetokenizer(tokenizer, [5, 6], SamplingParams(detokenize=False))
+    assert detok.update(tokenizer.encode(" the quick brown")) is None
+    detok.flush()
+    assert detok.text == "" and detok.delta(finished=True) == ""
+
+
+def test_stop_words_need_detokenize() -> None:
+    from shardserve.engine.request import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="stop_words are matched on text"):
+        SamplingParams(stop_words=("end",), detokenize=False)

@@ -1,0 +1,249 @@
+"""Paged attention on CUDA in Triton: one kernel for prefill chunks, prefix hits and decode.
+
+The flat batch of a step is cut into query tiles: `BLOCK_Q` consecutive query tokens of one
+sequence. A program takes one tile and one KV head; its rows are the tile's tokens × the query
+heads that share the KV head (GQA packing), so a decode token with 4 query heads per KV head
+fills 4 rows. Keys and values are read in place through the block table (no gather copy),
+`BLOCK_N` positions at a time, with an online softmax in float32. A query at absolute position
+p sees keys 0..p (and p − window < key when windowed; ALiBi adds slope · (key − p)).
+
+`write_kv` stores the step's keys and values at their cache slots; slot −1 is skipped (padded
+rows of a captured CUDA graph). `TritonAttentionBackend` is checked against the torch reference
+backend (tests/workers/test_triton_attention.py); on a CPU the same kernels run in Triton's
+interpreter (TRITON_INTERPRET=1), which the tests use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from shardserve.workers.attention import AttentionMetadata, SeqSpan
+
+ROWS_PREFILL = 64  # rows (tokens × grouped heads) of a tile when the step has prefill chunks
+ROWS_DECODE = 16  # ... when every sequence has one query token (tl.dot needs 16 rows)
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, cache_ptr, slots_ptr,
+    stride_kt, stride_vt, stride_cache_kv,
+    WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot >= 0:
+        cols = tl.arange(0, WIDTH_PAD)
+        ok = cols < WIDTH
+        k = tl.load(k_ptr + t * stride_kt + cols, mask=ok)
+        v = tl.load(v_ptr + t * stride_vt + cols, mask=ok)
+        dst = cache_ptr + slot * WIDTH + cols
+        tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=ok)
+        tl.store(dst + stride_cache_kv, v.to(cache_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, out_ptr, cache_ptr, alibi_ptr,
+    tables_ptr, context_lens_ptr, query_starts_ptr, tile_seqs_ptr, tile_starts_ptr,
+    scale, window,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.load(tile_seqs_ptr + tile)
+    tile_start = tl.load(tile_starts_ptr + tile)
+    q_first = tl.load(query_starts_ptr + seq)
+    q_len = tl.load(query_starts_ptr + seq + 1) - q_first
+    context = tl.load(context_lens_ptr + seq)
+
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    token = tile_start + rows // GROUP_PAD  # index among the sequence's query tokens
+    group = rows % GROUP_PAD
+    head = kv_head * GROUP + group
+    row_ok = (token < q_len) & (group < GROUP)
+    q_pos = context - q_len + token  # absolute position of each row's token
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+
+    q_rows = (q_first + token).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    if USE_ALIBI:
+        slope = tl.load(alibi_ptr + head, mask=group < GROUP, other=0.0)
+
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+
+    last_pos = context - q_len + tile_start + BLOCK_Q - 1  # the tile's last possible query position
+    hi = tl.minimum(context, last_pos + 1)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(0, context - q_len + tile_start - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    k_base = cache_ptr + kv_head * stride_cache_head
+    v_base = k_base + stride_cache_kv
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < hi
+        block = tl.load(tables_ptr + seq * stride_table + keys // PAGE, mask=key_ok, other=0).to(tl.int64)
+        offsets = block * stride_cache_block + (keys % PAGE) * stride_cache_slot
+        kv_mask = key_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [rows, N]
+        allowed = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (keys[None, :] > q_pos[:, None] - window)
+        if USE_ALIBI:
+            s += slope[:, None] * (keys[None, :] - q_pos[:, None]).to(tl.float32)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(v_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(
+        out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
+    )
+
+
+@dataclass(slots=True)
+class TritonMetadata(AttentionMetadata):
+    """The reference metadata plus the kernel's tensors (int32, on the device)."""
+
+    block_tables: torch.Tensor | None = None  # [seqs, max_blocks]
+    context_lens: torch.Tensor | None = None  # [seqs]
+    query_starts: torch.Tensor | None = None  # [seqs + 1]
+    tile_seqs: torch.Tensor | None = None  # [tiles] the sequence of each query tile
+    tile_starts: torch.Tensor | None = None  # [tiles] its first query token, within the sequence
+    block_q: int = 1  # query tokens per tile
+
+
+def tile_rows(group: int, decode_only: bool) -> tuple[int, int]:
+    """(BLOCK_Q, GROUP_PAD): query tokens per tile and padded query heads per KV head."""
+    group_pad = triton.next_power_of_2(group)
+    rows = ROWS_DECODE if decode_only else ROWS_PREFILL
+    return max(1, rows // group_pad), group_pad
+
+
+class TritonAttentionBackend:
+    """Paged attention on CUDA through the kernels above (same contract as the torch backend)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int) -> None:
+        self.group = max(1, num_heads // num_kv_heads)
+
+    def build_metadata(self, seqs: list[SeqSpan], block_size: int, device: torch.device) -> TritonMetadata:
+        decode_only = all(s.query_len == 1 for s in seqs)
+        block_q, _ = tile_rows(self.group, decode_only)
+        width = max(-(-s.context_len // block_size) for s in seqs)
+        tables: list[int] = []
+        starts, lens, slots, tile_seqs, tile_starts = [0], [], [], [], []
+        for i, s in enumerate(seqs):
+            row = s.block_table[:width]
+            tables.extend(row)
+            tables.extend([0] * (width - len(row)))
+            starts.append(starts[-1] + s.query_len)
+            lens.append(s.context_len)
+            first = s.context_len - s.query_len
+            slots.extend(
+                s.block_table[p // block_size] * block_size + p % block_size for p in range(first, s.context_len)
+            )
+            for t in range(0, s.query_len, block_q):
+                tile_seqs.append(i)
+                tile_starts.append(t)
+        host = torch.tensor(starts + lens + tile_seqs + tile_starts, dtype=torch.int32)
+        dev = host.to(device, non_blocking=True)
+        n, t = len(seqs), len(tile_seqs)
+        return TritonMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
+            seqs=seqs,
+            block_size=block_size,
+            block_tables=torch.tensor(tables, dtype=torch.int32).view(len(seqs), width).to(device, non_blocking=True),
+            query_starts=dev[: n + 1],
+            context_lens=dev[n + 1 : 2 * n + 1],
+            tile_seqs=dev[2 * n + 1 : 2 * n + 1 + t],
+            tile_starts=dev[2 * n + 1 + t :],
+            block_q=block_q,
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+        alibi_slopes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        assert isinstance(meta, TritonMetadata), "build the step's metadata with this backend"
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = q.new_empty(q.shape)
+        paged_attention(q, out, kv_cache, meta, scale, self.group, sliding_window, alibi_slopes)
+        return out
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """kv_cache [2, blocks, block_size, kv_heads, d]; k, v [tokens, kv_heads, d]; slot −1: skip."""
+    k, v = _rows(k), _rows(v)
+    width = kv_cache.shape[-2] * kv_cache.shape[-1]
+    _write_kv_kernel[(k.shape[0],)](
+        k, v, kv_cache, slots, k.stride(0), v.stride(0), kv_cache.stride(0),
+        WIDTH=width, WIDTH_PAD=triton.next_power_of_2(width),
+    )  # fmt: skip
+
+
+def paged_attention(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: TritonMetadata,
+    scale: float,
+    group: int,
+    sliding_window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+) -> None:
+    """out [tokens, heads, d] = attention of q [tokens, heads, d] over the paged cache."""
+    assert q.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.is_contiguous()
+    assert meta.tile_seqs is not None and meta.block_tables is not None
+    head_dim, kv_heads, page = kv_cache.shape[-1], kv_cache.shape[-2], kv_cache.shape[2]
+    group_pad = triton.next_power_of_2(group)
+    block_n = max(16, min(64, 4096 // max(head_dim, 16)))
+    alibi = alibi_slopes.to(device=q.device, dtype=torch.float32) if alibi_slopes is not None else q
+    grid = (meta.tile_seqs.shape[0], kv_heads)
+    _paged_attention_kernel[grid](
+        q, out, kv_cache, alibi,
+        meta.block_tables, meta.context_lens, meta.query_starts, meta.tile_seqs, meta.tile_starts,
+        scale, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), meta.block_tables.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=meta.block_q, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
+        USE_WINDOW=sliding_window is not None, USE_ALIBI=alibi_slopes is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[tokens, heads, d] with each token's heads contiguous (a view of a fused projection is)."""
+    if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
+        return x
+    return x.contiguous()

@@ -1,0 +1,167 @@
+"""The Triton paged-attention kernels against the torch reference backend, on random inputs.
+
+On a GPU the kernels run compiled; on a CPU they run in Triton's interpreter (slow, so the
+shapes are small). Several block sizes, GQA ratios, head sizes, lengths that are not multiples
+of the block, decode + prefill chunks + prefix hits in one step, sliding windows and ALiBi.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton compiles anything
+pytest.importorskip("triton")
+
+
+def _interpreter_scalars_as_int() -> None:
+    """Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with
+    int(array), which numpy ≥ 2.4 refuses; take the element instead."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor: object, scope: interpreter._LangPatchScope) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_scalars_as_int()
+
+from shardserve.workers.attention import AttentionMetadata, SeqSpan, TorchAttentionBackend
+from shardserve.workers.triton_attention import TritonAttentionBackend
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_step(kinds: list[tuple[int, int]], block_size: int, num_blocks: int, rng: random.Random) -> list[SeqSpan]:
+    """kinds: (computed before, new tokens) per sequence → spans with random distinct blocks."""
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    seqs, start = [], 0
+    for before, new in kinds:
+        context = before + new
+        table = [free.pop() for _ in range(-(-context // block_size))]
+        seqs.append(SeqSpan(start, new, context, table))
+        start += new
+    return seqs
+
+
+def run_both(
+    kinds: list[tuple[int, int]],
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    window: int | None = None,
+    alibi: bool = False,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-(b + n) // block_size) for b, n in kinds) + 3
+    seqs = make_step(kinds, block_size, num_blocks, rng)
+    tokens = sum(n for _, n in kinds)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    # q, k, v as views of one fused projection (the models' layout)
+    qkv = rand(tokens, (heads + 2 * kv_heads) * head_dim)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    cache = rand(2, num_blocks, block_size, kv_heads, head_dim)  # earlier tokens' keys and values
+    slopes = torch.linspace(0.5, 0.01, heads) if alibi else None
+    scale = head_dim**-0.5
+
+    ref_cache = cache.clone()
+    ref_meta = AttentionMetadata.build(seqs, block_size, DEVICE)
+    ref = TorchAttentionBackend().forward(q, k, v, ref_cache, ref_meta, scale, window, slopes)
+
+    backend = TritonAttentionBackend(heads, kv_heads)
+    meta = backend.build_metadata(seqs, block_size, DEVICE)
+    out = backend.forward(q, k, v, cache, meta, scale, window, slopes)
+    return out, ref, cache, ref_cache
+
+
+def check(out: torch.Tensor, ref: torch.Tensor, cache: torch.Tensor, ref_cache: torch.Tensor) -> None:
+    tol = 1e-4 if out.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    assert torch.equal(cache, ref_cache)  # the step's keys and values went to the same slots
+
+
+MIXED = [(0, 1), (37, 1), (5, 1), (0, 19), (64, 7), (33, 40), (0, 3)]  # decode, fresh, chunk, prefix hit
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size"),
+    [(4, 4, 16, 16), (8, 2, 32, 8), (6, 1, 16, 32), (12, 4, 24, 16), (4, 4, 64, 5)],
+    ids=["mha", "gqa4", "mqa6", "gqa3-d24", "d64-bs5"],
+)
+def test_mixed_steps_match_reference(heads: int, kv_heads: int, head_dim: int, block_size: int) -> None:
+    check(*run_both(MIXED, heads, kv_heads, head_dim, block_size, torch.float32))
+
+
+def test_pure_decode_step_matches_reference() -> None:
+    kinds = [(n, 1) for n in (0, 1, 15, 16, 17, 50, 99)]
+    check(*run_both(kinds, 8, 2, 32, 16, torch.float32, seed=1))
+
+
+@pytest.mark.parametrize("window", [1, 4, 13])
+def test_sliding_window_matches_reference(window: int) -> None:
+    check(*run_both(MIXED, 4, 2, 16, 8, torch.float32, window=window, seed=2))
+
+
+def test_alibi_matches_reference() -> None:
+    check(*run_both(MIXED, 4, 4, 16, 8, torch.float32, alibi=True, seed=3))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_long_contexts(dtype: torch.dtype) -> None:
+    kinds = [(1000, 1), (2047, 1), (0, 700), (300, 129), (4000, 1)]
+    check(*run_both(kinds, 32, 8, 128, 32, dtype, seed=4))
+
+
+def test_skipped_slots_leave_the_cache_alone() -> None:
+    from shardserve.workers.triton_attention import write_kv
+
+    cache = torch.zeros(2, 3, 4, 2, 8, device=DEVICE)
+    k = torch.ones(3, 2, 8, device=DEVICE)
+    write_kv(cache, k, 2 * k, torch.tensor([5, -1, 0], device=DEVICE))
+    flat = cache.flatten(1, 2)
+    assert flat[0, 5].eq(1).all() and flat[1, 5].eq(2).all() and flat[0, 0].eq(1).all()
+    assert flat[:, [1, 2, 3, 4, 6, 7, 8, 9, 10, 11]].eq(0).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_engine_on_triton_kernels_equals_transformers(tiny_checkpoint, family: str) -> None:
+    """The whole engine with `model.attention: triton` (compiled on a GPU, interpreted on a CPU):
+    staggered prompts, chunked prefill, a small cache with preemption, prefix hits."""
+    from shardserve.engine.engine import LLM
+    from shardserve.engine.request import SamplingParams
+    from tests.checkpoints import hf_greedy, staggered_prompts
+
+    path, hf = tiny_checkpoint(family)
+    llm = LLM(
+        path,
+        device=DEVICE.type,
+        dtype="float32",
+        attention="triton",
+        cache={"block_size": 8, "num_blocks": 24},
+        scheduler={"max_num_tokens": 48},
+    )
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = staggered_prompts(hf.config.vocab_size)
+    prompts += [prompts[0] + prompts[1][:5]]  # a prefix hit on prompts[0]'s full blocks
+    outs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == hf_greedy(hf, prompt, params.max_tokens)
