@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import platform
 import statistics
@@ -93,6 +94,7 @@ def engine_sections(args: argparse.Namespace, model: str, num_seqs: int) -> dict
     model_section["cuda_graph_max_batch"] = min(num_seqs, args.max_num_seqs)
     return {
         "model": model_section,
+        "cache": {"kv_cache_dtype": args.kv_cache_dtype},
         "scheduler": {"max_num_sequences": min(num_seqs, args.max_num_seqs), "max_num_tokens": args.max_num_tokens},
     }
 
@@ -103,6 +105,7 @@ def run_shardserve(args: argparse.Namespace, model: str, prompts: list[list[int]
     from shardserve.engine.request import SamplingParams
 
     engine = LLMEngine(DeploymentConfig.from_dict(engine_sections(args, model, len(prompts))))
+    breakdown = instrument(engine) if args.breakdown else None
     try:
         params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, detokenize=args.detokenize)
         engine.add_request(prompts[0][:8], SamplingParams(max_tokens=2))  # warm-up
@@ -129,11 +132,38 @@ def run_shardserve(args: argparse.Namespace, model: str, prompts: list[list[int]
         seconds = time.perf_counter() - start
     finally:
         engine.shutdown()
+        del engine
+        _free()
+    if breakdown is not None:
+        args.breakdown_ms = {k: round(v / steps * 1e3, 3) for k, v in breakdown.items()} | {"steps": steps}
     tpots = [(last[r] - first[r]) / (counts[r] - 1) for r in first if counts[r] > 1]
     return Result(
         "shardserve", seconds, sum(counts.values()), statistics.fmean(first.values()),
         statistics.fmean(tpots) if tpots else None,
     )  # fmt: skip
+
+
+def instrument(engine: Any) -> dict[str, float]:
+    """Seconds spent in each part of a step (leader and a local rank), summed over the run."""
+    totals: dict[str, float] = {}
+    runner = engine.executor.worker.runner
+    parts = [(engine.scheduler, "schedule"), (engine.executor, "run"), (runner, "_prepare"), (runner, "_sample"),
+             (engine.scheduler, "update"), (engine, "_on_token")]  # fmt: skip
+    if runner.graphs is not None:
+        parts.append((runner.graphs, "run"))
+    for obj, name in parts:
+        key = f"{type(obj).__name__}.{name}"
+        inner = getattr(obj, name)
+
+        def timed(*a: Any, _inner: Any = inner, _key: str = key, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return _inner(*a, **k)
+            finally:
+                totals[_key] = totals.get(_key, 0.0) + time.perf_counter() - t
+
+        setattr(obj, name, timed)
+    return totals
 
 
 @contextlib.contextmanager
@@ -160,7 +190,7 @@ _PROFILER: Any = None
 
 
 def decode_step(args: argparse.Namespace, model: str, vocab: int) -> dict[str, float]:
-    """Batch 1: median engine step while decoding (host work included) against the roofline."""
+    """Batch 1: median time between output tokens (host work included) against the roofline."""
     from shardserve.config import DeploymentConfig
     from shardserve.engine.engine import LLMEngine
     from shardserve.engine.request import SamplingParams
@@ -172,14 +202,15 @@ def decode_step(args: argparse.Namespace, model: str, vocab: int) -> dict[str, f
         if not ARCHS[args.arch]["tie_word_embeddings"]:
             weights -= embed.numel() * embed.element_size()  # a step reads one row of it
         engine.add_request(make_prompts(1, args.input_len, vocab)[0], SamplingParams(max_tokens=64, ignore_eos=True))
-        times = []
+        arrivals = []  # when each output token reached the caller
         while engine.has_unfinished_requests():
-            t = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - t)
+            if any(out.new_token_ids for out in engine.step()):
+                arrivals.append(time.perf_counter())
     finally:
         engine.shutdown()
-    step = statistics.median(times[2:])
+        del engine
+        _free()
+    step = statistics.median(b - a for a, b in zip(arrivals[2:], arrivals[3:], strict=False))
     bandwidth = copy_bandwidth()
     roofline = weights / bandwidth
     return {"step_ms": step * 1e3, "weight_gb": weights / 1e9, "copy_gb_s": bandwidth / 1e9,
@@ -235,6 +266,13 @@ def run_transformers(args: argparse.Namespace, model: str, prompts: list[list[in
     return Result("transformers", seconds, (out.shape[1] - ids.shape[1]) * ids.shape[0])
 
 
+def _free() -> None:
+    """Give an engine's GPU memory back before the next one starts (closures hold cycles)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -246,6 +284,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--arch", choices=sorted(ARCHS), help="random weights of this shape instead of --model")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8_weight_only"])
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -255,6 +294,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-num-tokens", type=int, default=4096, help="scheduler.max_num_tokens")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--detokenize", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--breakdown", action="store_true", help="report ms per step in each part of the step")
     ap.add_argument("--profile", help="write a torch profiler table of steps 40-49 to this file")
     ap.add_argument("--decode-step", action="store_true", help="also time the batch-1 decode step (CUDA)")
     ap.add_argument("--skip-baseline", action="store_true", help="do not run transformers")
@@ -296,6 +336,7 @@ def run_all(args: argparse.Namespace, model: str) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         **{k: getattr(args, k) for k in ("num_requests", "input_len", "output_len", "dtype", "quantization")},
+        "kv_cache_dtype": args.kv_cache_dtype,
         **{k: getattr(args, k) for k in ("max_num_seqs", "max_num_tokens", "eager", "detokenize", "repeats")},
         "baseline_batch": args.baseline_batch or args.num_requests,
         "all_tokens_per_s": [[round(r.tokens_per_s, 1) for r in row] for row in runs],
@@ -303,6 +344,8 @@ def run_all(args: argparse.Namespace, model: str) -> dict[str, Any]:
     }
     if len(results) == 2:
         report["ratio"] = results[1].tokens_per_s / results[0].tokens_per_s
+    if args.breakdown:
+        report["breakdown_ms_per_step"] = args.breakdown_ms
     if args.decode_step and args.arch and args.device == "cuda":
         report["decode_step"] = decode_step(args, model, vocab)
     return report
@@ -323,6 +366,8 @@ def table(report: dict[str, Any]) -> str:
         )
     if "ratio" in report:
         lines.append(f"ratio shardserve / transformers: {report['ratio']:.2f}")
+    if "breakdown_ms_per_step" in report:
+        lines.append("ms per step: " + ", ".join(f"{k} {v}" for k, v in report["breakdown_ms_per_step"].items()))
     if "decode_step" in report:
         d = report["decode_step"]
         lines.append(

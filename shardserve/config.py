@@ -51,12 +51,16 @@ class CacheConfig(_Section):
     kv_cache_free_gpu_mem_fraction: float = Field(0.9, gt=0.0, le=1.0, description="share of free GPU memory")
     num_blocks: int | None = Field(None, ge=1, description="exact block count (overrides the memory budget)")
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = Field("auto", pattern="^(auto|fp8)$", description="fp8 (e4m3, CUDA): half the bytes")
 
 
 class SchedulerConfig(_Section):
     policy: SchedulerPolicy = SchedulerPolicy.MAX_UTILIZATION
     max_num_tokens: int = Field(2048, ge=1, description="tokens computed per step (decode + prefill chunks)")
     max_num_sequences: int = Field(256, ge=1, description="requests in the running batch")
+    async_scheduling: bool | None = Field(
+        None, description="a single rank keeps two plans in flight (the next prepared while this one runs); None: on GPUs"
+    )
 
 
 class CommBackend(str, enum.Enum):

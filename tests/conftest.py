@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from tests.checkpoints import LLAMA_RECIPES, Checkpoints
+if not torch.cuda.is_available():  # our Triton kernels run in Triton's interpreter (tests/triton_cpu.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+from tests.checkpoints import LLAMA_RECIPES, Checkpoints  # noqa: E402 - imports shardserve, then triton
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -43,10 +43,18 @@ class Sampler:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
+    def greedy_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor | None:
+        """The tokens [rows] on the logits' device when every row is plain greedy (no penalty,
+        ban or log-probabilities): one argmax, no copy, no host sync. Else None."""
+        if all(_plain_greedy(r) for r in rows):
+            return logits.argmax(dim=-1)
+        return None
+
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         # logits: [rows, vocab]
-        if all(_plain_greedy(r) for r in rows):  # the common batch: one argmax, no copies
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+        tokens = self.greedy_tokens(logits, rows)
+        if tokens is not None:  # the common batch
+            return SamplerOutput(tokens.tolist(), [None] * len(rows))
         logits = logits.float()
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from shardserve.comm.base import Communicator, SingleRankCommunicator
+from shardserve.models import fused
 from shardserve.models.quantization import quantized_linear
 
 ShardFn = Callable[[torch.Tensor, str | int | None], torch.Tensor]
@@ -212,6 +213,9 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if fused.enabled(x) and x.dim() == 2 and x.stride(-1) == 1:
+            out, added = fused.rms_norm(x, self.weight, self.eps, residual)
+            return out if added is None else (out, added)
         if residual is not None:
             x = x + residual
             residual = x

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from shardserve.comm.base import Communicator, SingleRankCommunicator
+from shardserve.models import fused
 from shardserve.models.arch import ArchConfig
 from shardserve.models.base import CausalLM, Stage, stage_input, stage_output
 from shardserve.models.layers import (
@@ -68,7 +69,10 @@ class LlamaMLP(nn.Module):
         self.act = ACTIVATIONS[arch.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.act is nn.functional.silu and fused.enabled(gate_up):
+            return self.down_proj(fused.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

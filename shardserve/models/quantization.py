@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shardserve.models import fused
+
 QUANT_DTYPES: dict[str, torch.dtype] = {"fp8": torch.float8_e4m3fn, "int8_weight_only": torch.int8}
 QUANTIZATIONS = ("none", *QUANT_DTYPES)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
@@ -70,8 +72,11 @@ def quantize_loaded(model: nn.Module, method: str) -> None:
 def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # x: [tokens, in]; weight: [out, in] fp8/int8; scale: [out] float32 -> [tokens, out]
     if weight.dtype == torch.float8_e4m3fn and _has_fp8_mm(x, weight):
-        x_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
-        xq = (x / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        if fused.enabled(x) and x.stride(-1) == 1:
+            xq, x_scale = fused.quantize_fp8_per_token(x, FP8_MAX)
+        else:
+            x_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+            xq = (x / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype)
     return nn.functional.linear(x, weight.to(x.dtype) * scale[:, None].to(x.dtype))
 

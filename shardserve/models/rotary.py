@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardserve.models import fused
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -67,6 +69,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [tokens]; q: [tokens, heads, head_dim]; k: [tokens, kv_heads, head_dim]
+        if not self.interleaved and self.rotary_dim == self.head_dim and fused.enabled(q):
+            fused.rotary_(positions, q, k, self.cos, self.sin)  # in place: q, k are this step's own
+            return q, k
         cos = self.cos[positions].to(q.dtype)[:, None, :]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -201,6 +201,15 @@ class _Bias:
         return scores.masked_fill(~allowed[:, None], float("-inf")).to(dtype)
 
 
+def to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor; to a GPU through pinned memory, without waiting for the
+    kernels already queued (a pageable copy would wait for them)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """cache [blocks, block_size, kv_heads, d], ids [k] -> [k, block_size, kv_heads, d] (row copies)."""
     rows = torch.index_select(cache.view(cache.shape[0], -1), 0, block_ids)

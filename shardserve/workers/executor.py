@@ -8,9 +8,11 @@ flight and returns a plan's result once the pipeline is full (or nothing new was
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Protocol
 
 from shardserve.engine.step import StepPlan, StepResult
+from shardserve.workers.model_runner import Launched
 from shardserve.workers.worker import Worker
 
 Completed = list[tuple[StepPlan, StepResult]]
@@ -33,19 +35,27 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """One rank, in this process."""
+    """One rank, in this process. With `depth` 2 (a GPU with `scheduler.async_scheduling`) two
+    plans are in flight: `run` starts a plan and returns the previous one's result, so the
+    leader schedules and prepares the next plan while the GPU computes this one."""
 
-    max_in_flight = 1
-
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, depth: int = 1) -> None:
         self.worker = worker
+        self.max_in_flight = depth
+        self.in_flight: deque[tuple[StepPlan, Launched]] = deque()
 
     @property
     def num_blocks(self) -> int:
         return self.worker.num_blocks
 
     def run(self, plan: StepPlan) -> Completed:
-        return [(plan, self.worker.runner.execute(plan))]
+        runner = self.worker.runner
+        if not plan.is_empty or plan.finished_request_ids:
+            self.in_flight.append((plan, runner.launch(plan)))
+        if self.in_flight and (len(self.in_flight) >= self.max_in_flight or plan.is_empty):
+            done, launched = self.in_flight.popleft()
+            return [(done, runner.finish(launched))]
+        return []
 
     def shutdown(self) -> None:
-        return None
+        self.in_flight.clear()

@@ -109,7 +109,11 @@ def start_executor(
     engine = checkpoint.engine
     world_size = engine.world_size if engine is not None else 1
     if world_size == 1 and config.parallel.comm is CommBackend.AUTO:
-        return LocalExecutor(Worker(checkpoint, arch, config.model, config.cache, max_len))
+        worker = Worker(checkpoint, arch, config.model, config.cache, max_len)
+        overlap = config.scheduler.async_scheduling
+        if overlap is None:
+            overlap = worker.device.type == "cuda"
+        return LocalExecutor(worker, depth=2 if overlap else 1)
     backend = resolve_backend(config.parallel.comm, config.model.device)
     if backend == "mpi":
         raise ConfigError(

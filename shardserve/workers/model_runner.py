@@ -19,7 +19,7 @@ from shardserve.comm.base import Communicator, PendingSend
 from shardserve.engine.request import SamplingParams
 from shardserve.engine.sampler import Sampler, SamplingRow
 from shardserve.engine.step import CachedRequestData, NewRequestData, StepPlan, StepResult
-from shardserve.workers.attention import AttentionBackend, AttentionMetadata, ForwardContext, SeqSpan
+from shardserve.workers.attention import AttentionBackend, AttentionMetadata, ForwardContext, SeqSpan, to_device
 
 if TYPE_CHECKING:
     from shardserve.workers.cuda_graphs import DecodeGraphs
@@ -47,6 +47,17 @@ class _Batch:
     sample_ids: list[str]  # requests sampled this step
     sample_index: torch.Tensor  # [sampled] flat index of each one's last token
     decode_only: bool  # every sequence has one token this step
+
+
+@dataclass(slots=True)
+class Launched:
+    """A step started by `ModelRunner.launch`: its result, or its tokens still on their way."""
+
+    result: StepResult | None
+    step_id: int = 0
+    sample_ids: list[str] | None = None
+    tokens: torch.Tensor | None = None  # pinned host memory, filled once `ready` has passed
+    ready: torch.cuda.Event | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +114,16 @@ class ModelRunner:
         self.times = RunnerTimes()
         self._sent: PendingSend | None = None  # the last hidden states posted to the next stage
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.finish(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> Launched:
+        """Start a step; on CUDA a greedy batch returns before its tokens reach the host, so the
+        leader can prepare the next step while the GPU works (`finish` waits for them)."""
         self._apply(plan)
         if plan.is_empty:
-            return StepResult(plan.step_id)
+            return Launched(StepResult(plan.step_id))
         batch = self._prepare(plan)
         if not self.times.steps:
             self.times.first_start = time.perf_counter()
@@ -115,17 +131,25 @@ class ModelRunner:
         start = time.perf_counter()
         if self.graphs is not None and batch.decode_only and self.graphs.fits(len(batch.ids)):
             logits = self.graphs.run(batch.ids, batch.positions, batch.meta)  # type: ignore[arg-type]
-            result = self._sample(plan, batch, logits[batch.sample_index])
+            launched = self._sample(plan, batch, logits[batch.sample_index])
         else:
             ctx = ForwardContext(batch.meta, self.kv_caches, self.backend)
             hidden = self.model(batch.ids, batch.positions, ctx, hidden=hidden_in)
-            result = self._finish(plan, batch, hidden)
+            launched = self._finish(plan, batch, hidden)
         for request_id, n in plan.num_scheduled_tokens.items():
             self.requests[request_id].num_computed_tokens += n
         self.times.last_end = time.perf_counter()
         self.times.busy_s += self.times.last_end - start
         self.times.steps += 1
-        return result
+        return launched
+
+    def finish(self, launched: Launched) -> StepResult:
+        """The step's result, once its sampled tokens are on the host."""
+        if launched.result is not None:
+            return launched.result
+        assert launched.tokens is not None and launched.ready is not None
+        launched.ready.synchronize()
+        return StepResult(launched.step_id, dict(zip(launched.sample_ids, launched.tokens.tolist(), strict=True)))
 
     def _receive(self, num_tokens: int) -> torch.Tensor | None:
         links = self.links
@@ -137,25 +161,33 @@ class ModelRunner:
         self.times.recv_wait_s += time.perf_counter() - start
         return hidden
 
-    def _finish(self, plan: StepPlan, batch: _Batch, hidden: torch.Tensor) -> StepResult:
+    def _finish(self, plan: StepPlan, batch: _Batch, hidden: torch.Tensor) -> Launched:
         links = self.links
         if links is not None and links.next is not None:
             self.flush()  # at most one send in flight: the next stage takes them in order
             self._sent = links.comm.isend(hidden.contiguous(), dst=links.next)
-            return StepResult(plan.step_id)
+            return Launched(StepResult(plan.step_id))
         if not batch.sample_ids:
-            return StepResult(plan.step_id)
+            return Launched(StepResult(plan.step_id))
         logits = self.model.compute_logits(hidden[batch.sample_index])  # [sampled, vocab]
         if links is not None and not links.samples:
-            return StepResult(plan.step_id)
+            return Launched(StepResult(plan.step_id))
         return self._sample(plan, batch, logits)
 
-    def _sample(self, plan: StepPlan, batch: _Batch, logits: torch.Tensor) -> StepResult:
+    def _sample(self, plan: StepPlan, batch: _Batch, logits: torch.Tensor) -> Launched:
         if not batch.sample_ids:
-            return StepResult(plan.step_id)
-        out = self.sampler(logits, [self.requests[r].row() for r in batch.sample_ids])
+            return Launched(StepResult(plan.step_id))
+        rows = [self.requests[r].row() for r in batch.sample_ids]
+        tokens = self.sampler.greedy_tokens(logits, rows) if self.device.type == "cuda" else None
+        if tokens is not None:  # copy to pinned host memory behind the step's kernels; `finish` waits
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return Launched(None, plan.step_id, batch.sample_ids, host, ready)
+        out = self.sampler(logits, rows)
         logprobs = {r: lp for r, lp in zip(batch.sample_ids, out.logprobs, strict=True) if lp is not None}
-        return StepResult(plan.step_id, dict(zip(batch.sample_ids, out.token_ids, strict=True)), logprobs)
+        return Launched(StepResult(plan.step_id, dict(zip(batch.sample_ids, out.token_ids, strict=True)), logprobs))
 
     def flush(self) -> None:
         """Wait until the next stage has taken the last hidden states sent to it."""
@@ -196,11 +228,11 @@ class ModelRunner:
                 sample_index.append(len(ids) - 1)
         dev = self.device
         return _Batch(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
+            to_device(ids, torch.long, dev),
+            to_device(positions, torch.long, dev),
             self.backend.build_metadata(seqs, self.block_size, dev),
             sample_ids,
-            torch.tensor(sample_index, dtype=torch.long, device=dev),
+            to_device(sample_index, torch.long, dev),
             len(ids) == len(seqs),
         )
 

@@ -8,7 +8,8 @@ fills 4 rows. Keys and values are read in place through the block table (no gath
 p sees keys 0..p (and p − window < key when windowed; ALiBi adds slope · (key − p)).
 
 `write_kv` stores the step's keys and values at their cache slots; slot −1 is skipped (padded
-rows of a captured CUDA graph). `TritonAttentionBackend` is checked against the torch reference
+rows of a captured CUDA graph). An fp8 (e4m3) cache (`cache.kv_cache_dtype: fp8`) stores them
+saturated to ±448 without a scale; the attention kernel reads them back in the query's dtype. `TritonAttentionBackend` is checked against the torch reference
 backend (tests/workers/test_triton_attention.py); on a CPU the same kernels run in Triton's
 interpreter (TRITON_INTERPRET=1), which the tests use.
 """
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardserve.workers.attention import AttentionMetadata, SeqSpan
+from shardserve.workers.attention import AttentionMetadata, SeqSpan, to_device
 
 ROWS_PREFILL = 64  # rows (tokens × grouped heads) of a tile when the step has prefill chunks
 ROWS_DECODE = 16  # ... when every sequence has one query token (tl.dot needs 16 rows)
@@ -31,7 +32,7 @@ ROWS_DECODE = 16  # ... when every sequence has one query token (tl.dot needs 16
 def _write_kv_kernel(
     k_ptr, v_ptr, cache_ptr, slots_ptr,
     stride_kt, stride_vt, stride_cache_kv,
-    WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr,
+    WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, CLAMP: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -40,6 +41,9 @@ def _write_kv_kernel(
         ok = cols < WIDTH
         k = tl.load(k_ptr + t * stride_kt + cols, mask=ok)
         v = tl.load(v_ptr + t * stride_vt + cols, mask=ok)
+        if CLAMP > 0:  # an fp8 cache: saturate instead of overflowing
+            k = tl.minimum(tl.maximum(k.to(tl.float32), -CLAMP), CLAMP)
+            v = tl.minimum(tl.maximum(v.to(tl.float32), -CLAMP), CLAMP)
         dst = cache_ptr + slot * WIDTH + cols
         tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=ok)
         tl.store(dst + stride_cache_kv, v.to(cache_ptr.dtype.element_ty), mask=ok)
@@ -100,7 +104,7 @@ def _paged_attention_kernel(
         block = tl.load(tables_ptr + seq * stride_table + keys // PAGE, mask=key_ok, other=0).to(tl.int64)
         offsets = block * stride_cache_block + (keys % PAGE) * stride_cache_slot
         kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        k = tl.load(k_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [rows, N]
         allowed = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
         if USE_WINDOW:
@@ -112,7 +116,7 @@ def _paged_attention_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        v = tl.load(v_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+        v = tl.load(v_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -168,14 +172,13 @@ class TritonAttentionBackend:
             for t in range(0, s.query_len, block_q):
                 tile_seqs.append(i)
                 tile_starts.append(t)
-        host = torch.tensor(starts + lens + tile_seqs + tile_starts, dtype=torch.int32)
-        dev = host.to(device, non_blocking=True)
+        dev = to_device(starts + lens + tile_seqs + tile_starts, torch.int32, device)
         n, t = len(seqs), len(tile_seqs)
         return TritonMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device, non_blocking=True),
+            slot_mapping=to_device(slots, torch.int64, device),
             seqs=seqs,
             block_size=block_size,
-            block_tables=torch.tensor(tables, dtype=torch.int32).view(len(seqs), width).to(device, non_blocking=True),
+            block_tables=to_device(tables, torch.int32, device).view(len(seqs), width),
             query_starts=dev[: n + 1],
             context_lens=dev[n + 1 : 2 * n + 1],
             tile_seqs=dev[2 * n + 1 : 2 * n + 1 + t],
@@ -208,6 +211,7 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: to
     _write_kv_kernel[(k.shape[0],)](
         k, v, kv_cache, slots, k.stride(0), v.stride(0), kv_cache.stride(0),
         WIDTH=width, WIDTH_PAD=triton.next_power_of_2(width),
+        CLAMP=448.0 if kv_cache.dtype == torch.float8_e4m3fn else 0.0,
     )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from shardserve.builder.checkpoint import Checkpoint
 from shardserve.builder.errors import CheckpointError
 from shardserve.builder.plan import ShardPlan
 from shardserve.comm.base import Communicator, SingleRankCommunicator
-from shardserve.config import CacheConfig, ModelConfig
+from shardserve.config import CacheConfig, ConfigError, ModelConfig
 from shardserve.engine.sampler import Sampler
 from shardserve.models.arch import ArchConfig
 from shardserve.models.base import Stage
@@ -189,12 +189,13 @@ class Worker:
             model_config.quantization,
         )
         layers = layout.stage.end - layout.stage.start
-        per_block = kv_bytes_per_block(arch, cache.block_size, self.dtype, layout.tp_comm.world_size, layers)
+        kv_dtype = kv_cache_dtype(cache, self.device, self.dtype)
+        per_block = kv_bytes_per_block(arch, cache.block_size, kv_dtype, layout.tp_comm.world_size, layers)
         self.num_blocks = agree_on_blocks(num_kv_blocks(cache, self.device, per_block), layout.world, self.device)
         heads = max(1, arch.num_kv_heads // layout.tp_comm.world_size)
         shape = (2, self.num_blocks, cache.block_size, heads, arch.head_dim)
         # Zeroed: padded block-table entries are read (and masked) by the reference backend.
-        kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
+        kv_caches = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(layers)]
         sampler = Sampler(seed=model_config.seed)
         self.layout = layout
         backend = attention_backend(model_config, arch, self.device, layout.tp_comm.world_size)
@@ -210,6 +211,15 @@ class Worker:
         self.runner = ModelRunner(
             model, kv_caches, cache.block_size, backend, sampler, self.device, layout.links, graphs
         )
+
+
+def kv_cache_dtype(cache: CacheConfig, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """`cache.kv_cache_dtype`: the model's dtype, or fp8 e4m3 (read by the Triton kernels, CUDA only)."""
+    if cache.kv_cache_dtype == "auto":
+        return dtype
+    if device.type != "cuda":
+        raise ConfigError(f"cache.kv_cache_dtype {cache.kv_cache_dtype} needs a CUDA device; this rank runs on {device}")
+    return torch.float8_e4m3fn
 
 
 def attention_backend(config: ModelConfig, arch: ArchConfig, device: torch.device, tp: int) -> AttentionBackend:

@@ -7,38 +7,16 @@ of the block, decode + prefill chunks + prefix hits in one step, sliding windows
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton compiles anything
 pytest.importorskip("triton")
 
-
-def _interpreter_scalars_as_int() -> None:
-    """Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with
-    int(array), which numpy ≥ 2.4 refuses; take the element instead."""
-    from triton.runtime import interpreter
-
-    patch = interpreter._patch_lang_tensor
-
-    def patched(tensor: object, scope: interpreter._LangPatchScope) -> None:
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _interpreter_scalars_as_int()
-
-from shardserve.workers.attention import AttentionMetadata, SeqSpan, TorchAttentionBackend
-from shardserve.workers.triton_attention import TritonAttentionBackend
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from shardserve.workers.attention import AttentionMetadata, SeqSpan, TorchAttentionBackend  # noqa: E402
+from shardserve.workers.triton_attention import TritonAttentionBackend  # noqa: E402
+from tests.triton_cpu import DEVICE  # noqa: E402
 
 
 def make_step(kinds: list[tuple[int, int]], block_size: int, num_blocks: int, rng: random.Random) -> list[SeqSpan]:
@@ -64,6 +42,7 @@ def run_both(
     window: int | None = None,
     alibi: bool = False,
     seed: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -84,11 +63,19 @@ def run_both(
 
     ref_cache = cache.clone()
     ref_meta = AttentionMetadata.build(seqs, block_size, DEVICE)
-    ref = TorchAttentionBackend().forward(q, k, v, ref_cache, ref_meta, scale, window, slopes)
+    if kv_dtype is not None:  # the reference sees what an fp8 cache holds: keys and values rounded to it
+        cache = cache.to(kv_dtype)
+        ref_cache = cache.to(dtype)
+        k_ref, v_ref = k.to(kv_dtype).to(dtype), v.to(kv_dtype).to(dtype)
+    else:
+        k_ref, v_ref = k, v
+    ref = TorchAttentionBackend().forward(q, k_ref, v_ref, ref_cache, ref_meta, scale, window, slopes)
 
     backend = TritonAttentionBackend(heads, kv_heads)
     meta = backend.build_metadata(seqs, block_size, DEVICE)
     out = backend.forward(q, k, v, cache, meta, scale, window, slopes)
+    if kv_dtype is not None:
+        cache = cache.to(dtype)
     return out, ref, cache, ref_cache
 
 
@@ -129,6 +116,12 @@ def test_alibi_matches_reference() -> None:
 def test_half_precision_long_contexts(dtype: torch.dtype) -> None:
     kinds = [(1000, 1), (2047, 1), (0, 700), (300, 129), (4000, 1)]
     check(*run_both(kinds, 32, 8, 128, 32, dtype, seed=4))
+
+
+@pytest.mark.cuda
+def test_fp8_kv_cache_matches_reference_on_rounded_values() -> None:
+    kinds = [(500, 1), (0, 300), (120, 77), (33, 1)]
+    check(*run_both(kinds, 32, 8, 128, 32, torch.bfloat16, seed=5, kv_dtype=torch.float8_e4m3fn))
 
 
 def test_skipped_slots_leave_the_cache_alone() -> None:

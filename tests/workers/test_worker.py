@@ -56,3 +56,11 @@ def test_engine_quantization_cannot_be_changed_at_load(tmp_path: Path) -> None:
     build_engine(path, tmp_path / "q", BuildOptions(quantization="int8_weight_only", progress=False))
     with pytest.raises(CheckpointError, match="built with quantization int8_weight_only"):
         LLM(tmp_path / "q", quantization="fp8")
+
+
+def test_fp8_kv_cache_needs_cuda(tiny_checkpoint) -> None:
+    from shardserve.config import ConfigError
+
+    path, _ = tiny_checkpoint("llama")
+    with pytest.raises(ConfigError, match="kv_cache_dtype fp8 needs a CUDA device"):
+        LLM(path, device="cpu", cache={"kv_cache_dtype": "fp8"})

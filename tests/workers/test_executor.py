@@ -1,0 +1,40 @@
+"""LocalExecutor with two plans in flight (`scheduler.async_scheduling`, the default on a GPU;
+forced here on the CPU): outputs equal transformers', with preemption and aborts mid-run."""
+
+from __future__ import annotations
+
+import torch
+
+from shardserve.engine.engine import LLMEngine
+from shardserve.engine.request import SamplingParams
+from shardserve.workers.executor import LocalExecutor
+from tests.checkpoints import hf_greedy
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def test_two_plans_in_flight_give_transformers_tokens(tiny_checkpoint) -> None:
+    path, hf = tiny_checkpoint("llama")
+    engine = LLMEngine.from_model(
+        path, cache={"block_size": 4, "num_blocks": 14}, scheduler={"async_scheduling": True, "max_num_tokens": 16}
+    )
+    assert isinstance(engine.executor, LocalExecutor) and engine.executor.max_in_flight == 2
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 300, (7 + i,), generator=g).tolist() for i in range(6)]
+    for i, p in enumerate(prompts):
+        engine.add_request(p, GREEDY, request_id=str(i))
+    engine.add_request(prompts[0], GREEDY, request_id="aborted")
+    final, steps, overlapped = {}, 0, 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        steps += 1
+        overlapped += len(engine.executor.in_flight) == 1
+        if steps == 3:
+            engine.abort("aborted")
+        final |= {o.request_id: o for o in outs if o.finished}
+    for i, p in enumerate(prompts):
+        assert final[str(i)].token_ids == hf_greedy(hf, p, GREEDY.max_tokens)
+    assert final["aborted"].token_ids == [] or len(final["aborted"].token_ids) < GREEDY.max_tokens
+    assert engine.scheduler.stats.num_preemptions > 0
+    assert overlapped > steps // 2  # a plan was in flight between most steps
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
