@@ -17,7 +17,7 @@ import torch
 
 from shardserve.builder.errors import CheckpointError
 from shardserve.builder.engine_dir import EngineInfo, is_engine_dir, rank_file, read_engine_info
-from shardserve.builder.safetensors_io import iter_tensors, read_header, tensor_specs
+from shardserve.builder.safetensors_io import iter_tensors, map_tensors, read_header, tensor_specs
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -36,10 +36,11 @@ class Checkpoint:
         return self.path.suffix == ".gguf"
 
     def iter_rank_tensors(self, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
-        """An engine's rank file: canonical tensors already cut for that rank."""
+        """An engine's rank file: canonical tensors already cut for that rank (views of its memory
+        map: the loader copies each one to its device)."""
         if self.engine is None:
             raise CheckpointError(f"{self.path}: not an engine directory")
-        yield from iter_tensors(self.path / rank_file(rank))
+        yield from map_tensors(self.path / rank_file(rank))
 
     def iter_tensor_specs(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The source tensors as meta tensors (shapes and dtypes, no data), in `iter_tensors` order."""

@@ -8,6 +8,7 @@ then appends each tensor's bytes in order.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -93,6 +94,25 @@ def iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor.reshape(info["shape"])
     finally:
         os.close(fd)
+
+
+def map_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of `file` as a view of a copy-on-write memory map (file order): no zero-filled
+    buffer and no copy, so loading an engine whose file is in the page cache costs only the copy
+    to the device. The map stays alive while any view does."""
+    start, header = read_header(file)
+    with file.open("rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    for name, info in _entries(header):
+        begin, end = info["data_offsets"]
+        dtype = CODE_DTYPES[info["dtype"]]
+        if start + end > len(mm):
+            raise CheckpointError(f"{file}: truncated: {name} ends at byte {start + end}, the file has {len(mm)}")
+        if end == begin:
+            yield name, torch.empty(info["shape"], dtype=dtype)
+            continue
+        count = (end - begin) // dtype.itemsize
+        yield name, torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin).reshape(info["shape"])
 
 
 class StreamingWriter:
