@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,12 +98,14 @@ def iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def map_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor of `file` as a view of a copy-on-write memory map (file order): no zero-filled
+    """Each tensor of `file` as a read-only view of a memory map (file order): no zero-filled
     buffer and no copy, so loading an engine whose file is in the page cache costs only the copy
-    to the device. The map stays alive while any view does."""
+    to the device. The views must only be read (copied into parameters): writing one faults.
+    The map stays alive while any view does. (A private copy-on-write map would be charged in
+    full against the host's commit limit and fail for files larger than RAM.)"""
     start, header = read_header(file)
     with file.open("rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     for name, info in _entries(header):
         begin, end = info["data_offsets"]
         dtype = CODE_DTYPES[info["dtype"]]
@@ -111,8 +114,10 @@ def map_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if end == begin:
             yield name, torch.empty(info["shape"], dtype=dtype)
             continue
-        count = (end - begin) // dtype.itemsize
-        yield name, torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin).reshape(info["shape"])
+        with warnings.catch_warnings():  # torch warns that the buffer is not writable: it is not written
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.frombuffer(mm, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+        yield name, view.reshape(info["shape"])
 
 
 class StreamingWriter:

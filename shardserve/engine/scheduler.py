@@ -56,7 +56,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._sent: dict[str, _Sent] = {}
         self._finished_ids: list[str] = []  # to tell the ranks on the next step
-        self._in_flight: set[str] = set()  # scheduled in a plan whose result has not come back
+        self._in_flight: dict[int, list[Request]] = {}  # step id -> requests of a plan still in flight
         self._step_id = 0
 
     # -- requests in and out -------------------------------------------------------------
@@ -97,7 +97,10 @@ class Scheduler:
         if not preempted:
             self._schedule_waiting(budget, scheduled)
         self._step_id += 1
-        self._in_flight.update(scheduled)
+        if scheduled:
+            self._in_flight[self._step_id] = [self.requests[r] for r in scheduled]
+            for req in self._in_flight[self._step_id]:
+                req.in_flight = True
         plan = self._make_plan(scheduled)
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += plan.total_num_scheduled_tokens
@@ -106,11 +109,13 @@ class Scheduler:
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Apply a step's result; returns the requests that got a token (some now finished)."""
         touched: list[Request] = []
+        owners = {r.request_id: r for r in self._in_flight.pop(plan.step_id, [])}
         for request_id, n in plan.num_scheduled_tokens.items():
-            self._in_flight.discard(request_id)
-            req = self.requests.get(request_id)
-            if req is None:  # aborted while the step ran
-                continue
+            req = owners.get(request_id)
+            if req is not None:
+                req.in_flight = False
+            if req is None or self.requests.get(request_id) is not req:
+                continue  # aborted while the step ran (its id may already name a new request)
             req.num_computed_tokens += n
             token = result.sampled_token_ids.get(request_id)
             if token is None:
@@ -131,7 +136,7 @@ class Scheduler:
         for req in list(self.running):
             if budget <= 0 or len(scheduled) >= share:
                 break
-            if req.status is not RequestStatus.RUNNING or req.request_id in self._in_flight:
+            if req.status is not RequestStatus.RUNNING or req.in_flight:
                 continue  # preempted earlier in this loop, or still in the pipeline
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             fits = self.kv_cache.can_allocate(req, n)
@@ -179,7 +184,7 @@ class Scheduler:
 
     def _newest_running(self) -> Request | None:
         """The preemption victim: lowest priority, newest; never one still in the pipeline."""
-        candidates = [r for r in self.running if r.request_id not in self._in_flight]
+        candidates = [r for r in self.running if not r.in_flight]
         return min(candidates, key=lambda r: (r.priority, -r.arrival)) if candidates else None
 
     def _preempt(self, req: Request) -> None:

@@ -34,7 +34,7 @@ def _write_kv_kernel(
     stride_kt, stride_vt, stride_cache_kv,
     WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, CLAMP: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot >= 0:
         cols = tl.arange(0, WIDTH_PAD)

@@ -199,6 +199,8 @@ class Worker:
         sampler = Sampler(seed=model_config.seed)
         self.layout = layout
         backend = attention_backend(model_config, arch, self.device, layout.tp_comm.world_size)
+        if kv_dtype != self.dtype and isinstance(backend, TorchAttentionBackend):
+            raise ConfigError("cache.kv_cache_dtype fp8 is read only by the Triton attention; set model.attention: auto")
         graphs = None
         if model_config.cuda_graphs and self.device.type == "cuda" and layout.world_size == 1:
             from shardserve.workers.cuda_graphs import DecodeGraphs

@@ -1,5 +1,5 @@
-"""Reading safetensors files: pread into fresh memory (the builder) and a copy-on-write memory
-map (engine loading) give the same tensors; a truncated file is a clear error either way."""
+"""Reading safetensors files: pread into fresh memory (the builder) and a read-only memory map
+(engine loading) give the same tensors; a truncated file is a clear error either way."""
 
 from __future__ import annotations
 
@@ -34,8 +34,6 @@ def test_mapped_tensors_equal_read_ones(tmp_path: Path) -> None:
     for name, tensor in TENSORS.items():
         assert mapped[name].dtype == tensor.dtype and torch.equal(mapped[name], tensor)
         assert torch.equal(read[name], tensor)
-    mapped["a"].add_(1)  # copy-on-write: the file is untouched
-    assert torch.equal(dict(map_tensors(file))["a"], TENSORS["a"])
 
 
 def test_truncated_file_is_named(tmp_path: Path) -> None:

@@ -38,3 +38,29 @@ def test_two_plans_in_flight_give_transformers_tokens(tiny_checkpoint) -> None:
     assert engine.scheduler.stats.num_preemptions > 0
     assert overlapped > steps // 2  # a plan was in flight between most steps
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+
+
+def test_id_reused_while_its_aborted_plan_is_in_flight(tiny_checkpoint) -> None:
+    """A client cancels "x" and retries with the same id while the old plan is still running:
+    the old plan's result must not land on the new request."""
+    path, hf = tiny_checkpoint("llama")
+    engine = LLMEngine.from_model(
+        path, cache={"block_size": 4, "num_blocks": 64}, scheduler={"async_scheduling": True, "max_num_tokens": 64}
+    )
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 8, 11))
+    engine.add_request(a, GREEDY, request_id="x")
+    engine.add_request(b, GREEDY, request_id="y")
+    for _ in range(10):
+        engine.step()
+        if any("x" in plan.num_scheduled_tokens for plan, _ in engine.executor.in_flight):
+            break
+    else:
+        raise AssertionError("x was never in flight")
+    assert engine.abort("x")
+    engine.add_request(c, GREEDY, request_id="x")
+    final = {}
+    while engine.has_unfinished_requests():
+        final |= {o.request_id: o for o in engine.step() if o.finished and o.token_ids}
+    assert final["x"].token_ids == hf_greedy(hf, c, GREEDY.max_tokens)
+    assert final["y"].token_ids == hf_greedy(hf, b, GREEDY.max_tokens)
