@@ -36,20 +36,34 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, seqs: list[SeqSpan], block_size: int, device: torch.device) -> AttentionMetadata:
-        slots: list[int] = []
-        for s in seqs:
-            for pos in range(s.context_len - s.query_len, s.context_len):
-                slots.append(s.block_table[pos // block_size] * block_size + pos % block_size)
-        meta = cls(torch.tensor(slots, dtype=torch.long, device=device), seqs, block_size)
+        meta = cls(torch.tensor(slot_mapping(seqs, block_size), dtype=torch.long, device=device), seqs, block_size)
         rows = [i for i, s in enumerate(seqs) if s.query_len == 1]
         if rows:
             width = max(-(-seqs[i].context_len // block_size) for i in rows)
-            tables = [seqs[i].block_table[:width] + [0] * (width - len(seqs[i].block_table[:width])) for i in rows]
+            tables = [padded_table(seqs[i], width) for i in rows]
             meta.decode_rows = rows
             meta.decode_tokens = torch.tensor([seqs[i].query_start for i in rows], dtype=torch.long, device=device)
             meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=device)
             meta.decode_context_lens = torch.tensor([seqs[i].context_len for i in rows], device=device)
         return meta
+
+
+def slot_mapping(seqs: list[SeqSpan], block_size: int) -> list[int]:
+    """The cache slot (block · block_size + offset) of every token of the step, in batch order."""
+    slots: list[int] = []
+    for s in seqs:
+        table = s.block_table
+        slots.extend(
+            table[p // block_size] * block_size + p % block_size
+            for p in range(s.context_len - s.query_len, s.context_len)
+        )
+    return slots
+
+
+def padded_table(seq: SeqSpan, width: int) -> list[int]:
+    """The sequence's first `width` block ids, padded with block 0 (read only under a mask)."""
+    row = seq.block_table[:width]
+    return row + [0] * (width - len(row))
 
 
 class AttentionBackend(Protocol):

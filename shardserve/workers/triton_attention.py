@@ -9,9 +9,10 @@ p sees keys 0..p (and p − window < key when windowed; ALiBi adds slope · (key
 
 `write_kv` stores the step's keys and values at their cache slots; slot −1 is skipped (padded
 rows of a captured CUDA graph). An fp8 (e4m3) cache (`cache.kv_cache_dtype: fp8`) stores them
-saturated to ±448 without a scale; the attention kernel reads them back in the query's dtype. `TritonAttentionBackend` is checked against the torch reference
-backend (tests/workers/test_triton_attention.py); on a CPU the same kernels run in Triton's
-interpreter (TRITON_INTERPRET=1), which the tests use.
+saturated to ±448 without a scale; the attention kernel reads them back in the query's dtype.
+`TritonAttentionBackend` is checked against the torch reference backend
+(tests/workers/test_triton_attention.py); on a CPU the same kernels run in Triton's interpreter
+(TRITON_INTERPRET=1), which the tests use.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardserve.workers.attention import AttentionMetadata, SeqSpan, to_device
+from shardserve.workers.attention import AttentionMetadata, SeqSpan, padded_table, slot_mapping, to_device
 
 ROWS_PREFILL = 64  # rows (tokens × grouped heads) of a tile when the step has prefill chunks
 ROWS_DECODE = 16  # ... when every sequence has one query token (tl.dot needs 16 rows)
@@ -158,24 +159,18 @@ class TritonAttentionBackend:
         block_q, _ = tile_rows(self.group, decode_only)
         width = max(-(-s.context_len // block_size) for s in seqs)
         tables: list[int] = []
-        starts, lens, slots, tile_seqs, tile_starts = [0], [], [], [], []
+        starts, lens, tile_seqs, tile_starts = [0], [], [], []
         for i, s in enumerate(seqs):
-            row = s.block_table[:width]
-            tables.extend(row)
-            tables.extend([0] * (width - len(row)))
+            tables.extend(padded_table(s, width))
             starts.append(starts[-1] + s.query_len)
             lens.append(s.context_len)
-            first = s.context_len - s.query_len
-            slots.extend(
-                s.block_table[p // block_size] * block_size + p % block_size for p in range(first, s.context_len)
-            )
             for t in range(0, s.query_len, block_q):
                 tile_seqs.append(i)
                 tile_starts.append(t)
         dev = to_device(starts + lens + tile_seqs + tile_starts, torch.int32, device)
         n, t = len(seqs), len(tile_seqs)
         return TritonMetadata(
-            slot_mapping=to_device(slots, torch.int64, device),
+            slot_mapping=to_device(slot_mapping(seqs, block_size), torch.int64, device),
             seqs=seqs,
             block_size=block_size,
             block_tables=to_device(tables, torch.int32, device).view(len(seqs), width),

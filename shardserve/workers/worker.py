@@ -178,6 +178,12 @@ class Worker:
         engine_dtype = checkpoint.engine.dtype if checkpoint.engine is not None else None
         self.dtype = resolve_dtype(model_config.dtype, arch, self.device, engine_dtype)
         layout = rank_layout(checkpoint, arch, world, self.dtype)
+        kv_dtype = kv_cache_dtype(cache, self.device, self.dtype)  # config errors before any weight is read
+        backend = attention_backend(model_config, arch, self.device, layout.tp_comm.world_size)
+        if kv_dtype != self.dtype and isinstance(backend, TorchAttentionBackend):
+            raise ConfigError(
+                "cache.kv_cache_dtype fp8 is read only by the Triton attention; set model.attention: auto"
+            )
         model = load_model(
             checkpoint,
             arch,
@@ -189,7 +195,6 @@ class Worker:
             model_config.quantization,
         )
         layers = layout.stage.end - layout.stage.start
-        kv_dtype = kv_cache_dtype(cache, self.device, self.dtype)
         per_block = kv_bytes_per_block(arch, cache.block_size, kv_dtype, layout.tp_comm.world_size, layers)
         self.num_blocks = agree_on_blocks(num_kv_blocks(cache, self.device, per_block), layout.world, self.device)
         heads = max(1, arch.num_kv_heads // layout.tp_comm.world_size)
@@ -198,9 +203,6 @@ class Worker:
         kv_caches = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(layers)]
         sampler = Sampler(seed=model_config.seed)
         self.layout = layout
-        backend = attention_backend(model_config, arch, self.device, layout.tp_comm.world_size)
-        if kv_dtype != self.dtype and isinstance(backend, TorchAttentionBackend):
-            raise ConfigError("cache.kv_cache_dtype fp8 is read only by the Triton attention; set model.attention: auto")
         graphs = None
         if model_config.cuda_graphs and self.device.type == "cuda" and layout.world_size == 1:
             from shardserve.workers.cuda_graphs import DecodeGraphs
@@ -220,7 +222,9 @@ def kv_cache_dtype(cache: CacheConfig, device: torch.device, dtype: torch.dtype)
     if cache.kv_cache_dtype == "auto":
         return dtype
     if device.type != "cuda":
-        raise ConfigError(f"cache.kv_cache_dtype {cache.kv_cache_dtype} needs a CUDA device; this rank runs on {device}")
+        raise ConfigError(
+            f"cache.kv_cache_dtype {cache.kv_cache_dtype} needs a CUDA device; this rank runs on {device}"
+        )
     return torch.float8_e4m3fn
 
 
