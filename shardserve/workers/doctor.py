@@ -7,6 +7,10 @@ line per rank. A rank that does not join or answer is named (exit status 1).
 
     shardserve doctor --engine-dir DIR                 # spawns the ranks (gloo on CPU, nccl on CUDA)
     mpiexec -n 4 shardserve doctor --engine-dir DIR    # an MPI world
+    shardserve doctor --engine-dir DIR --comm nccl --bandwidth [--max-mib 1024]
+
+`--bandwidth` adds the world's all-reduce bus bandwidth from 1 MiB up, against torch.distributed
+on the same ranks in the same run (`comm/bandwidth.py`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ def add_doctor_parser(sub: Any) -> None:
 
     p = sub.add_parser("doctor", help="start an engine's ranks; check joins, all-reduce and pipeline ping")
     add_world_arguments(p)
+    p.add_argument("--bandwidth", action="store_true", help="all-reduce bus bandwidth vs torch.distributed")
+    p.add_argument("--max-mib", type=int, default=None, help="largest all-reduce (default 1024 on CUDA, 64 on CPU)")
     p.set_defaults(func=cmd_doctor)
 
 
@@ -61,8 +67,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if spec.backend != "mpi" and args.rank is None:  # the starting process: rank 0 spawns the rest
         port = spec.master_port or free_port(spec.master_addr)
         spec = dataclasses.replace(spec, rank=0, master_port=port)
+        extra = ("--bandwidth", "--max-mib", str(args.max_mib or 0)) if args.bandwidth else ()
         launcher = LocalLauncher(open_checkpoint(args.engine_dir).path, config, spec.world_size, spec.backend, port,
-                                 command="doctor")  # fmt: skip
+                                 command="doctor", extra_args=extra)  # fmt: skip
     started = time.perf_counter()
     ok = False
     try:
@@ -70,6 +77,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         try:
             report = check_rank(world, args.engine_dir, config.model.device, time.perf_counter() - started)
             reports = gather_reports(world, report)
+            table = measure_bandwidth(world, report.device, args.max_mib) if args.bandwidth else ""
         except CommError as exc:
             world.board.report_failure(exc)
             raise
@@ -77,6 +85,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             world.close()
         if reports:
             print(describe(reports))
+        if table and world.rank == 0:
+            print(table)
         ok = True
         return 0
     finally:
@@ -99,6 +109,16 @@ def check_rank(world: Any, engine_dir: str, device_name: str, join_s: float) -> 
     ping_ms = _ping(world, torch.zeros(arch.hidden_size, device=device))
     return RankReport(world.rank, socket.gethostname(), os.getpid(), str(device), path.stat().st_size / 2**20,
                       join_s, world_ms, tp_ms, ping_ms)  # fmt: skip
+
+
+def measure_bandwidth(world: Any, device_name: str, max_mib: int | None) -> str:
+    """The world's all-reduce bus bandwidth table (every rank runs it; rank 0 prints it)."""
+    from shardserve.comm import bandwidth
+
+    device = torch.device(device_name)
+    baseline = bandwidth.baseline_group(world.world, device)
+    rows = bandwidth.sweep(world.world, device, bandwidth.default_sizes(device, max_mib), baseline)
+    return bandwidth.describe(rows, world.world_size, world.spec.backend)
 
 
 def _time_all_reduce(comm: Communicator, data: torch.Tensor) -> float:

@@ -52,6 +52,7 @@ class LocalLauncher:
         backend: str,
         port: int,
         command: str = "worker",
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.grace_s = config.parallel.heartbeat_timeout_s + 2.0
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -61,7 +62,7 @@ class LocalLauncher:
                 sys.executable, "-m", "shardserve.cli", command,
                 "--engine-dir", str(engine_dir), "--config-json", config_json,
                 "--comm", backend, "--rank", str(rank), "--world-size", str(world_size),
-                "--master-addr", config.parallel.master_addr, "--master-port", str(port),
+                "--master-addr", config.parallel.master_addr, "--master-port", str(port), *extra_args,
             ]  # fmt: skip
             self.procs[rank] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 

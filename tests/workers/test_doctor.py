@@ -58,3 +58,25 @@ def test_world_that_does_not_fit_the_engine_is_refused(engines: Engines) -> None
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 2, res.stderr
     assert "world_size 3 is not a multiple of tp 2" in res.stderr
+
+
+@pytest.mark.parametrize("launch", ["gloo", "mpi"])
+def test_doctor_bandwidth_table(engines: Engines, launch: str) -> None:
+    """Bus bandwidth per size; a gloo world also times torch.distributed on the same ranks (an MPI world has none)."""
+    engine = str(engines("llama", "tp2"))
+    flags = ["--bandwidth", "--max-mib", "4"]
+    if launch == "gloo":
+        cmd = [str(BIN / "shardserve"), "doctor", "--engine-dir", engine, "--comm", "gloo", *flags]
+    else:
+        cmd = mpiexec(2, "doctor", "--engine-dir", engine, *flags)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=150, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "all-reduce bus bandwidth over 2 ranks" in res.stdout
+    rows = [line.split() for line in res.stdout.splitlines() if line.split()[1:2] == ["MiB"]]
+    assert [r[0] for r in rows] == ["1", "4"], res.stdout
+    for size, unit, calls, ours, torch_gb_s, ratio in rows:
+        assert float(ours) > 0
+        if launch == "gloo":
+            assert float(torch_gb_s) > 0 and float(ratio) == pytest.approx(float(ours) / float(torch_gb_s), rel=0.01)
+        else:
+            assert torch_gb_s == ratio == "-"
