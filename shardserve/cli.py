@@ -1,6 +1,7 @@
 """`shardserve` command line: `generate` (the launch post's run.py), `build`, `inspect`, `worker`, `doctor`.
 
     shardserve build --model-dir HF_DIR|FILE.gguf --output-dir ENGINE_DIR [--tp N] [--pp M] [--quantization fp8]
+                     [--no-weights]
     shardserve inspect ENGINE_DIR
     shardserve generate [--model-dir PATH] --input-text "How do I count to nine in French?" --max-output-len 100
     shardserve generate --model-dir PATH --batch-file prompts.txt --temperature 0.8 --seed 1
@@ -67,6 +68,8 @@ def _build_parser(sub: Any) -> None:
     p.add_argument("--quantization", choices=["none", "fp8", "int8_weight_only"], default="none")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--no-weights", dest="weights", action="store_false",
+                   help="engine.json and tokenizer only: the ranks make random weights (model.load_format: dummy)")  # fmt: skip
     p.set_defaults(func=cmd_build)
     q = sub.add_parser("inspect", help="show an engine's config and per-rank tensors")
     q.add_argument("engine_dir")
@@ -84,6 +87,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         max_batch_size=args.max_batch_size,
         max_seq_len=args.max_seq_len,
+        weights=args.weights,
     )
     info = build_engine(args.model_dir, args.output_dir, options)
     size = sum(r["bytes"] for r in info.ranks)

@@ -53,6 +53,7 @@ class BuildOptions:
     max_batch_size: int | None = None
     max_seq_len: int | None = None
     progress: bool = True
+    weights: bool = True  # False: engine.json and tokenizer only (ranks use dummy weights)
 
 
 def rank_model(arch: ArchConfig, plan: ShardPlan, rank: int, quantization: str) -> CausalLM:
@@ -107,16 +108,18 @@ def build_engine(model_dir: str | Path, output_dir: str | Path, options: BuildOp
     options = options or BuildOptions()
     if options.quantization not in QUANTIZATIONS:
         raise CheckpointError(f"unknown quantization {options.quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
-    checkpoint = open_checkpoint(model_dir)
+    checkpoint = open_checkpoint(model_dir, require_weights=options.weights)
     arch = parse_arch(checkpoint.config)
     plan = ShardPlan.make(arch, options.tp, options.pp)
     tokenizer = checkpoint.load_tokenizer()  # a missing or broken tokenizer fails before the weights
     dtype = DTYPES[options.dtype] if options.dtype != "auto" else DTYPES.get(arch.torch_dtype, torch.float32)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ranks = _Ranks(arch, plan, options, dtype)
-    specs = _plan_files(checkpoint, ranks, plan.world_size)
-    _write_files(checkpoint, ranks, specs, out, options.progress)
+    specs: list[list[TensorSpec]] = []
+    if options.weights:
+        ranks = _Ranks(arch, plan, options, dtype)
+        specs = _plan_files(checkpoint, ranks, plan.world_size)
+        _write_files(checkpoint, ranks, specs, out, options.progress)
     _copy_tokenizer(checkpoint, tokenizer, out)
     info = EngineInfo(
         architecture=arch.architecture,
@@ -133,6 +136,7 @@ def build_engine(model_dir: str | Path, output_dir: str | Path, options: BuildOp
         ranks=[
             {"file": rank_file(r), "tensors": len(s), "bytes": sum(t.nbytes for t in s)} for r, s in enumerate(specs)
         ],
+        weights=options.weights,
     )
     info.write(out)
     return info

@@ -75,7 +75,8 @@ class Checkpoint:
 
 def open_checkpoint(path: str | Path, tokenizer: str | Path | None = None, require_weights: bool = True) -> Checkpoint:
     """A HF directory, .gguf file or engine directory; `require_weights=False` accepts a HF
-    directory with only config.json and a tokenizer (random weights: `model.load_format: dummy`)."""
+    directory with only config.json and a tokenizer, or an engine built with `--no-weights`
+    (random weights: `model.load_format: dummy`)."""
     path = Path(path)
     tok = Path(tokenizer) if tokenizer is not None else None
     if not path.exists():
@@ -88,6 +89,8 @@ def open_checkpoint(path: str | Path, tokenizer: str | Path | None = None, requi
         return Checkpoint(path, read_gguf_config(path), (path,), tok)
     if is_engine_dir(path):
         info = read_engine_info(path)
+        if require_weights and not info.weights:
+            raise CheckpointError(f"{path}: built with --no-weights: its ranks need model.load_format: dummy")
         files = tuple(path / rank_file(r) for r in range(info.world_size))
         if tok is None and not any((path / f).is_file() for f in TOKENIZER_FILES):
             raise CheckpointError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")

@@ -3,6 +3,8 @@
 `engine.json` records the architecture (the source config.json), dtype, quantization, tp, pp,
 each stage's layer range, limits, the format version and a checksum of the source. Reading it
 checks the format version and that every rank file is present, before any weight is read.
+An engine built with `--no-weights` has no rank files (`weights: false`): its ranks make random
+weights (`model.load_format: dummy`), for benchmarks of shapes nobody has weights for here.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class EngineInfo:
     max_batch_size: int | None = None
     max_seq_len: int | None = None
     ranks: list[dict[str, Any]] = field(default_factory=list)  # file, tensors, bytes
+    weights: bool = True  # False: built with --no-weights, no rank files
     format_version: int = FORMAT_VERSION
 
     @property
@@ -65,7 +68,7 @@ def read_engine_info(engine_dir: Path) -> EngineInfo:
         info = EngineInfo(**data)
     except TypeError as exc:
         raise CheckpointError(f"{file}: unexpected fields ({exc})") from None
-    missing = [rank_file(r) for r in range(info.world_size) if not (engine_dir / rank_file(r)).is_file()]
+    missing = [rank_file(r) for r in range(info.world_size) if info.weights and not (engine_dir / rank_file(r)).is_file()]
     if missing:
         raise CheckpointError(f"{engine_dir}: missing rank files: {', '.join(missing)}")
     return info

@@ -22,6 +22,9 @@ def describe_engine(engine_dir: Path, list_tensors: bool = False) -> str:
         f"  format v{info.format_version}, built by shardserve {info.builder_version}",
         f"  source: {info.source.get('path')} (sha256 {info.source.get('sha256', '')[:16]}…)",
     ]
+    if not info.weights:
+        lines.append("  weights: none (built with --no-weights; run with model.load_format: dummy)")
+        return "\n".join(lines)
     total = 0
     for rank in range(info.world_size):
         specs = tensor_specs(engine_dir / rank_file(rank))

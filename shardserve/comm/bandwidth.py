@@ -111,7 +111,7 @@ def describe(rows: list[BandwidthRow], world_size: int, transport: str) -> str:
     ]
     for r in rows:
         size = f"{r.nbytes >> 20} MiB"
-        base = f"{r.baseline_gb_s:.2f}" if r.baseline_gb_s is not None else "-"
+        base = f"{r.baseline_gb_s:.3f}" if r.baseline_gb_s is not None else "-"
         ratio = f"{r.ratio:.3f}" if r.ratio is not None else "-"
-        lines.append(f"{size:>10}{r.calls:>7}{r.ours_gb_s:>11.2f}{base:>12}{ratio:>8}")
+        lines.append(f"{size:>10}{r.calls:>7}{r.ours_gb_s:>11.3f}{base:>12}{ratio:>8}")
     return "\n".join(lines)

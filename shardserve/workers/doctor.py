@@ -68,7 +68,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         port = spec.master_port or free_port(spec.master_addr)
         spec = dataclasses.replace(spec, rank=0, master_port=port)
         extra = ("--bandwidth", "--max-mib", str(args.max_mib or 0)) if args.bandwidth else ()
-        launcher = LocalLauncher(open_checkpoint(args.engine_dir).path, config, spec.world_size, spec.backend, port,
+        launcher = LocalLauncher(open_checkpoint(args.engine_dir, require_weights=False).path, config, spec.world_size, spec.backend, port,
                                  command="doctor", extra_args=extra)  # fmt: skip
     started = time.perf_counter()
     ok = False
@@ -97,17 +97,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def check_rank(world: Any, engine_dir: str, device_name: str, join_s: float) -> RankReport:
     from shardserve.workers.worker import resolve_device
 
-    checkpoint = open_checkpoint(engine_dir)
+    checkpoint = open_checkpoint(engine_dir, require_weights=False)
     arch = parse_arch(checkpoint.config)
     path = checkpoint.path / f"rank{world.rank}.safetensors"
-    if not path.is_file():
+    weights = checkpoint.engine is None or checkpoint.engine.weights
+    if weights and not path.is_file():
         raise ConfigError(f"rank {world.rank}: {path} is missing")
     device = resolve_device(device_name, world.rank)
     big = torch.ones(1 << 20, device=device)
     world_ms = _time_all_reduce(world.world, big)
     tp_ms = _time_all_reduce(world.tp, big)
     ping_ms = _ping(world, torch.zeros(arch.hidden_size, device=device))
-    return RankReport(world.rank, socket.gethostname(), os.getpid(), str(device), path.stat().st_size / 2**20,
+    return RankReport(world.rank, socket.gethostname(), os.getpid(), str(device),
+                      path.stat().st_size / 2**20 if weights else 0.0,
                       join_s, world_ms, tp_ms, ping_ms)  # fmt: skip
 
 

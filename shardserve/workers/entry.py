@@ -70,7 +70,7 @@ def world_spec(args: argparse.Namespace, config: DeploymentConfig) -> WorldSpec:
     from shardserve.comm.world import WorldSpec
     from shardserve.workers.launch import resolve_backend
 
-    checkpoint = open_checkpoint(args.engine_dir)
+    checkpoint = open_checkpoint(args.engine_dir, require_weights=False)  # the engine's shape only
     if checkpoint.engine is None:
         raise ConfigError(f"{args.engine_dir}: not an engine directory (build one with `shardserve build`)")
     engine = checkpoint.engine
@@ -116,7 +116,7 @@ def run_rank(config: DeploymentConfig, world: Any) -> None:
     if world.rank == 0:
         lead(LLMEngine(config, world=world))
         return
-    checkpoint = open_checkpoint(config.model.path)  # type: ignore[arg-type]
+    checkpoint = open_checkpoint(config.model.path, require_weights=config.model.load_format != "dummy")  # type: ignore[arg-type]
     arch = parse_arch(checkpoint.config)
     worker = Worker(checkpoint, arch, config.model, config.cache, max_model_len(checkpoint, arch, config), world)
     follow(worker, world)

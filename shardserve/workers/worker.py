@@ -20,7 +20,7 @@ from shardserve.comm.base import Communicator, SingleRankCommunicator
 from shardserve.config import CacheConfig, ConfigError, ModelConfig
 from shardserve.engine.sampler import Sampler
 from shardserve.models.arch import ArchConfig
-from shardserve.models.base import Stage
+from shardserve.models.base import CausalLM, Stage
 from shardserve.models.quantization import quantize_linears, quantize_loaded
 from shardserve.models.registry import model_class
 from shardserve.workers.attention import AttentionBackend, TorchAttentionBackend
@@ -93,7 +93,7 @@ def load_model(
             f"model.quantization asks for {quantization}"
         )
     if load_format == "dummy":
-        random_weights(model, seed=layout.rank)
+        dummy_weights(model, checkpoint, dtype, layout.rank)
     else:
         if engine is not None:
             loaded = model.load_weights(checkpoint.iter_rank_tensors(layout.rank), presharded=True)
@@ -105,6 +105,25 @@ def load_model(
     if quantization != "none" and (engine is None or engine.quantization == "none"):
         quantize_loaded(model, quantization)
     return model.eval()
+
+
+@torch.no_grad()
+def dummy_weights(model: CausalLM, checkpoint: Checkpoint, dtype: torch.dtype, rank: int) -> None:
+    """`load_format: dummy`: a random checkpoint made on the device, cut as a real one would be, so
+    every tp × pp layout holds the same model (`builder/dummy.py`). A family transformers does not
+    know, or an engine built quantized, gets each parameter filled directly (seeded by the rank)."""
+    from shardserve.builder.dummy import checkpoint_specs, random_tensors
+
+    quantized = checkpoint.engine is not None and checkpoint.engine.quantization != "none"
+    specs = None if quantized else checkpoint_specs(checkpoint.config)
+    if specs is None:
+        random_weights(model, seed=rank)
+        return
+    device = next(model.parameters()).device
+    loaded = model.load_weights(random_tensors(specs, device, dtype))
+    missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+    if missing:
+        raise CheckpointError(f"{checkpoint.path}: random checkpoint left parameters unset: {', '.join(missing[:5])}")
 
 
 @torch.no_grad()

@@ -77,6 +77,6 @@ def test_doctor_bandwidth_table(engines: Engines, launch: str) -> None:
     for size, unit, calls, ours, torch_gb_s, ratio in rows:
         assert float(ours) > 0
         if launch == "gloo":
-            assert float(torch_gb_s) > 0 and float(ratio) == pytest.approx(float(ours) / float(torch_gb_s), rel=0.01)
+            assert float(torch_gb_s) > 0 and float(ratio) == pytest.approx(float(ours) / float(torch_gb_s), rel=0.05)  # 2-decimal rounding
         else:
             assert torch_gb_s == ratio == "-"
