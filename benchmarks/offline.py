@@ -5,6 +5,7 @@
                                  [--dtype float32|bfloat16] [--skip-baseline] [--json]
     python benchmarks/offline.py --device cuda --arch llama3-8b [--quantization fp8] [--num-requests 1024]
                                  [--baseline-batch 256] [--decode-step] [--json]
+    python benchmarks/offline.py --device cuda --arch llama3-70b --tp 4 [--pp 1] --skip-baseline
 
 CPU (default): PATH defaults to the bundled SmolLM2 GGUF; prints output tokens/s of both and their
 ratio (best of --repeats alternating runs, since a shared 2-core machine is noisy).
@@ -14,6 +15,11 @@ ratio (best of --repeats alternating runs, since a shared 2-core machine is nois
 device, run first and freed. Besides tokens/s it prints mean TTFT, mean time per output token
 and, with --decode-step, the batch-1 decode step against the memory roofline (weight bytes over
 the device-to-device copy bandwidth measured in the same run).
+
+`--tp N --pp M` (with --arch): an engine built with `--no-weights` for that layout; its ranks (one
+GPU each, spawned by the engine, NCCL) make their cuts of the same random checkpoint. The
+transformers baseline runs on one device, so such runs compare against published figures instead
+(--skip-baseline).
 """
 
 from __future__ import annotations
@@ -83,6 +89,14 @@ def write_arch(root: Path, name: str) -> Path:
     return root
 
 
+def weightless_engine(source: Path, out: Path, args: argparse.Namespace) -> Path:
+    """An engine of `source`'s shape for `args.tp` × `args.pp` ranks, without weights (load_format dummy)."""
+    from shardserve.builder.build import BuildOptions, build_engine
+
+    build_engine(source, out, BuildOptions(tp=args.tp, pp=args.pp, dtype=args.dtype, weights=False, progress=False))
+    return out
+
+
 def engine_sections(args: argparse.Namespace, model: str, num_seqs: int) -> dict[str, dict[str, Any]]:
     model_section: dict[str, Any] = {"path": model, "dtype": args.dtype, "device": args.device}
     if args.arch:
@@ -94,6 +108,7 @@ def engine_sections(args: argparse.Namespace, model: str, num_seqs: int) -> dict
     model_section["cuda_graph_max_batch"] = min(num_seqs, args.max_num_seqs)
     return {
         "model": model_section,
+        "parallel": {"comm": args.comm},
         "cache": {"kv_cache_dtype": args.kv_cache_dtype},
         "scheduler": {"max_num_sequences": min(num_seqs, args.max_num_seqs), "max_num_tokens": args.max_num_tokens},
     }
@@ -285,6 +300,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8_weight_only"])
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (with --arch)")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages (with --arch)")
+    ap.add_argument("--comm", default="auto", choices=["auto", "nccl", "gloo", "mpi"], help="parallel.comm")
     ap.add_argument("--num-requests", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -304,6 +322,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     args.repeats = args.repeats or (2 if args.device == "cpu" else 1)
+    if args.tp * args.pp > 1 and not args.arch:
+        ap.error("--tp/--pp need --arch (build a real checkpoint's engine with `shardserve build --tp`)")
     return args
 
 
@@ -312,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.arch:
             model = str(write_arch(Path(tmp) / args.arch, args.arch))
+            if args.tp * args.pp > 1:
+                model = str(weightless_engine(Path(model), Path(tmp) / "engine", args))
         else:
             from shardserve.demo import default_model_path
 
@@ -336,6 +358,8 @@ def run_all(args: argparse.Namespace, model: str) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         **{k: getattr(args, k) for k in ("num_requests", "input_len", "output_len", "dtype", "quantization")},
+        "tp": args.tp,
+        "pp": args.pp,
         "kv_cache_dtype": args.kv_cache_dtype,
         **{k: getattr(args, k) for k in ("max_num_seqs", "max_num_tokens", "eager", "detokenize", "repeats")},
         "baseline_batch": args.baseline_batch or args.num_requests,
@@ -346,7 +370,7 @@ def run_all(args: argparse.Namespace, model: str) -> dict[str, Any]:
         report["ratio"] = results[1].tokens_per_s / results[0].tokens_per_s
     if args.breakdown:
         report["breakdown_ms_per_step"] = args.breakdown_ms
-    if args.decode_step and args.arch and args.device == "cuda":
+    if args.decode_step and args.arch and args.device == "cuda" and args.tp * args.pp == 1:
         report["decode_step"] = decode_step(args, model, vocab)
     return report
 
@@ -354,7 +378,7 @@ def run_all(args: argparse.Namespace, model: str) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['model']}: {report['num_requests']} requests × {report['input_len']} in / {report['output_len']} out, "
-        f"{report['dtype']}, quantization {report['quantization']}, {report['device']} "
+        f"{report['dtype']}, quantization {report['quantization']}, tp={report['tp']} pp={report['pp']}, {report['device']} "
         f"(transformers: first {report['baseline_batch']}; all runs {report['all_tokens_per_s']} tok/s)",
         f"{'engine':<14}{'seconds':>10}{'out tokens':>12}{'tok/s':>10}{'TTFT ms':>10}{'TPOT ms':>10}",
     ]

@@ -6,7 +6,10 @@ row, reading its inputs from static buffers. A decode step of n sequences copies
 positions, cache slots and block tables into the first n rows of those buffers and replays the
 smallest graph that holds n; the padded rows write no KV (slot −1) and read one cached position,
 so they stay finite and are dropped. Only the Triton backend's metadata is tensors alone, so only
-it can be captured; a rank that talks to others (tp or pp) runs eagerly.
+it can be captured. Tensor-parallel ranks (pp = 1) capture too: their all-reduces and gathers are
+NCCL kernels queued on the capturing stream, every rank captures the same ladder in the same order
+at start-up (the warm-up forward is a collective), and each step every rank replays the graph of the
+same size, since all follow the same plan. Pipeline stages (their send/recv) run eagerly.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.links = links
-        self.graphs = graphs  # captured decode steps (a CUDA rank of a world of one)
+        self.graphs = graphs  # captured decode steps (a CUDA rank of a world of one or of tp ranks alone)
         self.requests: dict[str, _RequestState] = {}
         self.times = RunnerTimes()
         self._sent: PendingSend | None = None  # the last hidden states posted to the next stage
@@ -131,7 +131,10 @@ class ModelRunner:
         start = time.perf_counter()
         if self.graphs is not None and batch.decode_only and self.graphs.fits(len(batch.ids)):
             logits = self.graphs.run(batch.ids, batch.positions, batch.meta)  # type: ignore[arg-type]
-            launched = self._sample(plan, batch, logits[batch.sample_index])
+            if self.links is None or self.links.samples:  # of tp ranks, rank 0 samples
+                launched = self._sample(plan, batch, logits[batch.sample_index])
+            else:
+                launched = Launched(StepResult(plan.step_id))
         else:
             ctx = ForwardContext(batch.meta, self.kv_caches, self.backend)
             hidden = self.model(batch.ids, batch.positions, ctx, hidden=hidden_in)

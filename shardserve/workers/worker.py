@@ -223,7 +223,8 @@ class Worker:
         sampler = Sampler(seed=model_config.seed)
         self.layout = layout
         graphs = None
-        if model_config.cuda_graphs and self.device.type == "cuda" and layout.world_size == 1:
+        # Graphs hold the tp all-reduces (NCCL kernels on the capturing stream); pipeline send/recv stay eager.
+        if model_config.cuda_graphs and self.device.type == "cuda" and layout.world_size == layout.tp_comm.world_size:
             from shardserve.workers.cuda_graphs import DecodeGraphs
             from shardserve.workers.triton_attention import TritonAttentionBackend
 
