@@ -27,6 +27,10 @@ from shardserve.workers.attention import AttentionMetadata, SeqSpan, padded_tabl
 
 ROWS_PREFILL = 64  # rows (tokens × grouped heads) of a tile when the step has prefill chunks
 ROWS_DECODE = 16  # ... when every sequence has one query token (tl.dot needs 16 rows)
+# (key elements a tile reads at once: BLOCK_N = that / head_dim, num_warps, num_stages), the fastest
+# of benchmarks/attention.py --sweep on an H200 (Llama-8B heads: prefill 4×2048, decode 256×256, 64×2048)
+PREFILL_LAUNCH = (8192, 4, 2)
+DECODE_LAUNCH = (8192, 4, 2)
 
 
 @triton.jit
@@ -48,6 +52,42 @@ def _write_kv_kernel(
         dst = cache_ptr + slot * WIDTH + cols
         tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=ok)
         tl.store(dst + stride_cache_kv, v.to(cache_ptr.dtype.element_ty), mask=ok)
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _attend_block(
+    q, acc, m_i, l_i, start, hi, q_pos, window, slope, table, k_base, v_base, dims, dim_ok,
+    stride_cache_block, stride_cache_slot, qk_scale,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr,
+    USE_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One step of the online softmax over keys [start, start + BLOCK_N) read through the block table;
+    `MASKED`: apply the causal limit, the end of the context (and the window) per row."""
+    keys = start + tl.arange(0, BLOCK_N)
+    key_ok = keys < hi
+    block = tl.load(table + keys // PAGE, mask=key_ok, other=0).to(tl.int64)
+    offsets = block * stride_cache_block + (keys % PAGE) * stride_cache_slot
+    kv_mask = key_ok[:, None] & dim_ok[None, :]
+    k = tl.load(k_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [rows, N], log2 units
+    if USE_ALIBI:
+        s += slope[:, None] * (keys[None, :] - q_pos[:, None]).to(tl.float32)
+    if MASKED:
+        allowed = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (keys[None, :] > q_pos[:, None] - window)
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    v = tl.load(v_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -84,43 +124,34 @@ def _paged_attention_kernel(
         mask=row_ok[:, None] & dim_ok[None, :],
         other=0.0,
     )
-    if USE_ALIBI:
-        slope = tl.load(alibi_ptr + head, mask=group < GROUP, other=0.0)
+    slope = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    if USE_ALIBI:  # in log2 units, like the scores
+        slope = tl.load(alibi_ptr + head, mask=group < GROUP, other=0.0) * LOG2E
+    qk_scale = scale * LOG2E  # scores in log2 units: exp2 instead of exp
 
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
 
-    last_pos = context - q_len + tile_start + BLOCK_Q - 1  # the tile's last possible query position
-    hi = tl.minimum(context, last_pos + 1)
+    first_pos = context - q_len + tile_start  # the tile's first query position
+    hi = tl.minimum(context, first_pos + BLOCK_Q)  # keys past the tile's last query are never seen
     lo = 0
+    mid = lo + ((first_pos + 1 - lo) // BLOCK_N) * BLOCK_N  # [lo, mid): every row sees every key
     if USE_WINDOW:
-        lo = tl.maximum(0, context - q_len + tile_start - window + 1)
+        lo = tl.maximum(0, first_pos - window + 1)
         lo = (lo // BLOCK_N) * BLOCK_N
+        mid = lo  # the window masks at both ends: every block is checked
     k_base = cache_ptr + kv_head * stride_cache_head
     v_base = k_base + stride_cache_kv
-    for start in range(lo, hi, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_ok = keys < hi
-        block = tl.load(tables_ptr + seq * stride_table + keys // PAGE, mask=key_ok, other=0).to(tl.int64)
-        offsets = block * stride_cache_block + (keys % PAGE) * stride_cache_slot
-        kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [rows, N]
-        allowed = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            allowed = allowed & (keys[None, :] > q_pos[:, None] - window)
-        if USE_ALIBI:
-            s += slope[:, None] * (keys[None, :] - q_pos[:, None]).to(tl.float32)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        v = tl.load(v_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+    table = tables_ptr + seq * stride_table
+    for start in range(lo, mid, BLOCK_N):  # below the diagonal: no mask to build
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, hi, q_pos, window, slope, table, k_base, v_base, dims,
+                                      dim_ok, stride_cache_block, stride_cache_slot, qk_scale, BLOCK_N, PAGE,
+                                      False, False, USE_ALIBI, PRECISION)  # fmt: skip
+    for start in range(mid, hi, BLOCK_N):  # the diagonal (and a window's edges)
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, hi, q_pos, window, slope, table, k_base, v_base, dims,
+                                      dim_ok, stride_cache_block, stride_cache_slot, qk_scale, BLOCK_N, PAGE,
+                                      True, USE_WINDOW, USE_ALIBI, PRECISION)  # fmt: skip
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
         out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
@@ -225,7 +256,8 @@ def paged_attention(
     assert meta.tile_seqs is not None and meta.block_tables is not None
     head_dim, kv_heads, page = kv_cache.shape[-1], kv_cache.shape[-2], kv_cache.shape[2]
     group_pad = triton.next_power_of_2(group)
-    block_n = max(16, min(64, 4096 // max(head_dim, 16)))
+    elements, warps, stages = PREFILL_LAUNCH if meta.block_q * group_pad > ROWS_DECODE else DECODE_LAUNCH
+    block_n = max(16, min(128, elements // max(head_dim, 16)))
     alibi = alibi_slopes.to(device=q.device, dtype=torch.float32) if alibi_slopes is not None else q
     grid = (meta.tile_seqs.shape[0], kv_heads)
     _paged_attention_kernel[grid](
@@ -238,6 +270,7 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
         USE_WINDOW=sliding_window is not None, USE_ALIBI=alibi_slopes is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
