@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from offline import ARCHS, engine_sections, make_prompts, weightless_engine, write_arch  # benchmarks/offline.py
 
-
 Run = tuple[list[list[int]], list[list[Any]]]  # per request: output tokens, their TokenLogprobs
 
 
