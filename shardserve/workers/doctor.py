@@ -68,8 +68,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         port = spec.master_port or free_port(spec.master_addr)
         spec = dataclasses.replace(spec, rank=0, master_port=port)
         extra = ("--bandwidth", "--max-mib", str(args.max_mib or 0)) if args.bandwidth else ()
-        launcher = LocalLauncher(open_checkpoint(args.engine_dir, require_weights=False).path, config, spec.world_size, spec.backend, port,
-                                 command="doctor", extra_args=extra)  # fmt: skip
+        engine_dir = open_checkpoint(args.engine_dir, require_weights=False).path
+        launcher = LocalLauncher(
+            engine_dir, config, spec.world_size, spec.backend, port, command="doctor", extra_args=extra
+        )
     started = time.perf_counter()
     ok = False
     try:
