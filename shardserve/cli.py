@@ -69,7 +69,7 @@ def _build_parser(sub: Any) -> None:
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--no-weights", dest="weights", action="store_false",
-                   help="engine.json and tokenizer only: the ranks make random weights (model.load_format: dummy)")  # fmt: skip
+                   help="engine.json and tokenizer only: ranks make random weights (load_format dummy)")  # fmt: skip
     p.set_defaults(func=cmd_build)
     q = sub.add_parser("inspect", help="show an engine's config and per-rank tensors")
     q.add_argument("engine_dir")
@@ -91,9 +91,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     info = build_engine(args.model_dir, args.output_dir, options)
     size = sum(r["bytes"] for r in info.ranks)
+    files = "no weights (load_format dummy)"
+    if info.weights:
+        files = f"{len(info.ranks)} rank files, {size / 2**20:.1f} MiB"
     print(
         f"built {info.architecture} engine: tp={info.tp} pp={info.pp} {info.dtype} "
-        f"quantization={info.quantization}, {len(info.ranks)} rank files, {size / 2**20:.1f} MiB → {args.output_dir}"
+        f"quantization={info.quantization}, {files} → {args.output_dir}"
     )
     return 0
 

@@ -87,3 +87,26 @@ def test_no_weights_engine_ranks_hold_the_world_of_one_model(tiny_checkpoint, tm
         ranks.shutdown()
     assert got == want
     assert len({tuple(t) for t in want.values()}) > 1  # the random model does not say one thing to everyone
+
+
+def test_no_weights_from_the_command_line(tiny_checkpoint, tmp_path: Path) -> None:
+    """`build --no-weights`, then `doctor` joins its ranks; `generate` without dummy weights is a one-line error."""
+    import subprocess
+    import sys
+
+    source, _ = tiny_checkpoint("llama")
+    bare = _bare(source, tmp_path / "bare")
+    cli = [sys.executable, "-m", "shardserve.cli"]
+    engine = str(tmp_path / "e")
+    res = subprocess.run([*cli, "build", "--model-dir", str(bare), "--output-dir", engine, "--tp", "2", "--no-weights"],
+                         capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "no weights (load_format dummy)" in res.stdout
+    res = subprocess.run([*cli, "doctor", "--engine-dir", engine, "--comm", "gloo"],
+                         capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "all 2 ranks joined and answered" in res.stdout
+    res = subprocess.run([*cli, "generate", "--model-dir", engine, "--input-text", "w1 w2"],
+                         capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert res.returncode == 2
+    assert "built with --no-weights: its ranks need model.load_format: dummy" in res.stderr.strip().splitlines()[-1]
