@@ -33,6 +33,9 @@ class AttentionMetadata:
     decode_tokens: torch.Tensor | None = None  # [decodes] long: flat token index of each
     decode_block_tables: torch.Tensor | None = None  # [decodes, max_blocks] long
     decode_context_lens: torch.Tensor | None = None  # [decodes] long
+    # The decode step's additive masks, built by the first layer and shared by the rest (SDPA turns a
+    # bool mask into this form on every call, which on a CPU costs as much as the attention itself).
+    decode_masks: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(cls, seqs: list[SeqSpan], block_size: int, device: torch.device) -> AttentionMetadata:
@@ -151,9 +154,12 @@ class TorchAttentionBackend:
         n, width = tables.shape
         keys = gather_blocks(kv_cache[0], tables.flatten()).view(n, width * meta.block_size, *kv_cache.shape[-2:])
         values = gather_blocks(kv_cache[1], tables.flatten()).view(n, width * meta.block_size, *kv_cache.shape[-2:])
-        kpos = torch.arange(width * meta.block_size, device=q.device)[None, None, :]  # [1, 1, L]
-        qpos = meta.decode_context_lens[:, None, None] - 1  # [n, 1, 1]
-        mask = bias.mask(qpos, kpos, q.dtype)  # [n, 1 or heads, 1, L]
+        key = (bias.window, None if bias.alibi_slopes is None else id(bias.alibi_slopes), q.dtype)
+        mask = meta.decode_masks.get(key)
+        if mask is None:
+            kpos = torch.arange(width * meta.block_size, device=q.device)[None, None, :]  # [1, 1, L]
+            qpos = meta.decode_context_lens[:, None, None] - 1  # [n, 1, 1]
+            mask = meta.decode_masks[key] = bias.additive(bias.mask(qpos, kpos, q.dtype), q.dtype)  # [n, 1|heads, 1, L]
         out = F.scaled_dot_product_attention(
             q[:, :, None, :],  # [n, heads, 1, d]
             keys.transpose(1, 2),  # [n, kv_heads, L, d]
@@ -213,6 +219,13 @@ class _Bias:
         rel = (kpos - qpos).to(torch.float32)[:, None]  # [n, 1, q, k]
         scores = self.alibi_slopes.to(qpos.device)[None, :, None, None] * rel
         return scores.masked_fill(~allowed[:, None], float("-inf")).to(dtype)
+
+    @staticmethod
+    def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A `mask` result as scores to add: 0 where allowed, −inf where not (floats pass through)."""
+        if mask.dtype != torch.bool:
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
