@@ -101,9 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(
-            f"{report['device']}, torch {report['torch']}, bf16, {args.heads} heads / {args.kv_heads} kv heads × {args.head_dim}"
-        )
+        heads = f"{args.heads} heads / {args.kv_heads} kv heads × {args.head_dim}"
+        print(f"{report['device']}, torch {report['torch']}, bf16, {heads}")
         print(f"{'case':<16}{'kernel':<44}{'ms':>9}{'TFLOP/s':>9}")
         for r in rows:
             print(f"{r['case']:<16}{r['kernel']:<44}{r['ms']:>9.3f}{r['tflops']:>9.1f}")

@@ -378,7 +378,8 @@ def run_all(args: argparse.Namespace, model: str) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['model']}: {report['num_requests']} requests × {report['input_len']} in / {report['output_len']} out, "
-        f"{report['dtype']}, quantization {report['quantization']}, tp={report['tp']} pp={report['pp']}, {report['device']} "
+        f"{report['dtype']}, quantization {report['quantization']}, tp={report['tp']} pp={report['pp']}, "
+        f"{report['device']} "
         f"(transformers: first {report['baseline_batch']}; all runs {report['all_tokens_per_s']} tok/s)",
         f"{'engine':<14}{'seconds':>10}{'out tokens':>12}{'tok/s':>10}{'TTFT ms':>10}{'TPOT ms':>10}",
     ]
