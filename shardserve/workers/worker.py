@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from shardserve.builder.checkpoint import Checkpoint
+from shardserve.builder.dummy import STD as DUMMY_STD
+from shardserve.builder.dummy import checkpoint_specs, random_tensors
 from shardserve.builder.errors import CheckpointError
 from shardserve.builder.plan import ShardPlan
 from shardserve.comm.base import Communicator, SingleRankCommunicator
@@ -93,41 +95,35 @@ def load_model(
             f"model.quantization asks for {quantization}"
         )
     if load_format == "dummy":
-        dummy_weights(model, checkpoint, dtype, layout.rank)
+        loaded = dummy_weights(model, checkpoint, dtype, layout.rank)
+    elif engine is not None:
+        loaded = model.load_weights(checkpoint.iter_rank_tensors(layout.rank), presharded=True)
     else:
-        if engine is not None:
-            loaded = model.load_weights(checkpoint.iter_rank_tensors(layout.rank), presharded=True)
-        else:
-            loaded = model.load_weights(checkpoint.iter_tensors())
-        missing = sorted({name for name, _ in model.named_parameters()} - loaded)
-        if missing:
-            raise CheckpointError(f"{checkpoint.path}: rank {layout.rank}: missing tensors: {', '.join(missing[:5])}")
+        loaded = model.load_weights(checkpoint.iter_tensors())
+    missing = sorted({name for name, _ in model.named_parameters()} - loaded) if loaded is not None else []
+    if missing:
+        raise CheckpointError(f"{checkpoint.path}: rank {layout.rank}: missing tensors: {', '.join(missing[:5])}")
     if quantization != "none" and (engine is None or engine.quantization == "none"):
         quantize_loaded(model, quantization)
     return model.eval()
 
 
 @torch.no_grad()
-def dummy_weights(model: CausalLM, checkpoint: Checkpoint, dtype: torch.dtype, rank: int) -> None:
+def dummy_weights(model: CausalLM, checkpoint: Checkpoint, dtype: torch.dtype, rank: int) -> set[str] | None:
     """`load_format: dummy`: a random checkpoint made on the device, cut as a real one would be, so
-    every tp × pp layout holds the same model (`builder/dummy.py`). A family transformers does not
-    know, or an engine built quantized, gets each parameter filled directly (seeded by the rank)."""
-    from shardserve.builder.dummy import checkpoint_specs, random_tensors
-
+    every tp × pp layout holds the same model (`builder/dummy.py`); returns the parameters loaded.
+    A family transformers does not know, or an engine built quantized, gets each parameter filled
+    directly (seeded by the rank; returns None)."""
     quantized = checkpoint.engine is not None and checkpoint.engine.quantization != "none"
     specs = None if quantized else checkpoint_specs(checkpoint.config)
     if specs is None:
         random_weights(model, seed=rank)
-        return
-    device = next(model.parameters()).device
-    loaded = model.load_weights(random_tensors(specs, device, dtype))
-    missing = sorted({name for name, _ in model.named_parameters()} - loaded)
-    if missing:
-        raise CheckpointError(f"{checkpoint.path}: random checkpoint left parameters unset: {', '.join(missing[:5])}")
+        return None
+    return model.load_weights(random_tensors(specs, next(model.parameters()).device, dtype))
 
 
 @torch.no_grad()
-def random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+def random_weights(model: nn.Module, seed: int = 0, std: float = DUMMY_STD) -> None:
     """Fill every parameter on its device: matrices N(0, std²), norms 1, biases 0, and an engine's
     quantized weights small-dtype noise with scales that keep activations in range."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
