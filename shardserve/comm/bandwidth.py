@@ -61,9 +61,8 @@ def sweep(comm: Communicator, device: torch.device, sizes: list[int], baseline: 
     for nbytes in sizes:
         buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
         comm.all_reduce(buf)
-        _sync(comm, device)
-        if buf[0].item() != comm.world_size:  # every rank contributed its ones
-            raise CommError(f"all_reduce over ranks {list(comm.ranks)} gave {buf[0].item()}, not {comm.world_size}")
+        _sync(comm, device)  # with a deadline that names a peer that hangs
+        check_sum_of_ones(comm, buf)
         buf.zero_()  # the timed sums stay finite
         calls = max(5, min(50, BATCH_BYTES // nbytes))
         ours = _time(lambda b=buf: comm.all_reduce(b), comm, device, calls)
@@ -75,6 +74,13 @@ def sweep(comm: Communicator, device: torch.device, sizes: list[int], baseline: 
         rows.append(BandwidthRow(nbytes, calls, _bus(nbytes, comm.world_size, ours),
                                  _bus(nbytes, comm.world_size, theirs) if theirs else None))  # fmt: skip
     return rows
+
+
+def check_sum_of_ones(comm: Communicator, out: torch.Tensor) -> None:
+    """`out` is an all-reduce of ones over `comm`: every rank must have contributed."""
+    got = out[0].item()
+    if got != comm.world_size:
+        raise CommError(f"all_reduce over ranks {list(comm.ranks)} gave {got}, not {comm.world_size}")
 
 
 def _time(call: Callable[[], Any], comm: Communicator, device: torch.device, calls: int) -> float:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 
 from shardserve.builder.checkpoint import open_checkpoint
+from shardserve.builder.engine_dir import rank_file
+from shardserve.comm import bandwidth
 from shardserve.comm.base import CommError, Communicator
 from shardserve.config import ConfigError
 from shardserve.models.registry import parse_arch
@@ -101,7 +103,7 @@ def check_rank(world: Any, engine_dir: str, device_name: str, join_s: float) -> 
 
     checkpoint = open_checkpoint(engine_dir, require_weights=False)
     arch = parse_arch(checkpoint.config)
-    path = checkpoint.path / f"rank{world.rank}.safetensors"
+    path = checkpoint.path / rank_file(world.rank)
     weights = checkpoint.engine is None or checkpoint.engine.weights
     if weights and not path.is_file():
         raise ConfigError(f"rank {world.rank}: {path} is missing")
@@ -117,8 +119,6 @@ def check_rank(world: Any, engine_dir: str, device_name: str, join_s: float) -> 
 
 def measure_bandwidth(world: Any, device_name: str, max_mib: int | None) -> str:
     """The world's all-reduce bus bandwidth table (every rank runs it; rank 0 prints it)."""
-    from shardserve.comm import bandwidth
-
     device = torch.device(device_name)
     baseline = bandwidth.baseline_group(world.world, device)
     rows = bandwidth.sweep(world.world, device, bandwidth.default_sizes(device, max_mib), baseline)
@@ -130,9 +130,7 @@ def _time_all_reduce(comm: Communicator, data: torch.Tensor) -> float:
     comm.barrier()
     start = time.perf_counter()
     for _ in range(REPEATS):
-        out = comm.all_reduce(data.clone())
-        if out[0].item() != comm.world_size:  # every rank contributed its ones
-            raise CommError(f"all_reduce over ranks {list(comm.ranks)} gave {out[0].item()}, not {comm.world_size}")
+        bandwidth.check_sum_of_ones(comm, comm.all_reduce(data.clone()))
     return (time.perf_counter() - start) / REPEATS * 1e3
 
 
