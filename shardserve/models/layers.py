@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from shardserve.comm.base import Communicator, SingleRankCommunicator
-from shardserve.models import fused
+from shardserve.models import cpu_matmul, fused
 from shardserve.models.quantization import quantized_linear
 
 ShardFn = Callable[[torch.Tensor, str | int | None], torch.Tensor]
@@ -52,7 +52,7 @@ def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> tor
     """x Wᵀ (+ b), through the quantized matmul when the layer was quantized."""
     scale = getattr(layer, "weight_scale", None)
     if scale is None:
-        return nn.functional.linear(x, layer.weight, bias)
+        return cpu_matmul.linear(x, layer.weight, bias)
     y = quantized_linear(x, layer.weight, scale)
     return y if bias is None else y + bias
 
@@ -196,7 +196,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.bias = _param(self.per_rank, shard=self.shard_vocab, place=self.place_vocab) if bias else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = nn.functional.linear(hidden, self.weight, self.bias)
+        logits = cpu_matmul.linear(hidden, self.weight, self.bias)
         if self.comm.world_size > 1:
             logits = self.comm.all_gather(logits, dim=-1)
         return logits[..., : self.vocab_size]
