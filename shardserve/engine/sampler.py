@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from shardserve.engine.request import SamplingParams, TokenLogprob
+from shardserve.workers.attention import to_device
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,36 +44,39 @@ class Sampler:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def greedy_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor | None:
-        """The tokens [rows] on the logits' device when every row is plain greedy (no penalty,
-        ban or log-probabilities): one argmax, no copy, no host sync. Else None."""
-        if all(_plain_greedy(r) for r in rows):
-            return logits.argmax(dim=-1)
-        return None
+    def device_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor | None:
+        """The tokens [rows] on the logits' device, with no host sync (host lists reach the
+        device through pinned memory), when no row asks for log-probabilities. Else None."""
+        if any(r.params.logprobs is not None for r in rows):
+            return None
+        return self._tokens(logits, rows)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         # logits: [rows, vocab]
-        tokens = self.greedy_tokens(logits, rows)
-        if tokens is not None:  # the common batch
-            return SamplerOutput(tokens.tolist(), [None] * len(rows))
-        logits = logits.float()
         raw_logprobs = None
         if any(r.params.logprobs is not None for r in rows):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = apply_penalties_and_bans(logits.clone(), rows)
-        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-        random = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if greedy:
-            tokens[greedy] = logits[greedy].argmax(dim=-1)
-        if random:
-            tokens[random] = self._sample(logits[random], [rows[i] for i in random])
-        token_list = tokens.tolist()
+            raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
+        token_list = self._tokens(logits, rows).tolist()
         return SamplerOutput(token_list, _logprobs(raw_logprobs, token_list, rows))
+
+    def _tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        if all(_plain_greedy(r) for r in rows):  # the common batch: one argmax
+            return logits.argmax(dim=-1)
+        logits = apply_penalties_and_bans(logits.float().clone(), rows)
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        if len(greedy) == len(rows):
+            return logits.argmax(dim=-1)
+        random = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if not greedy:
+            return self._sample(logits, rows)
+        tokens = logits.argmax(dim=-1)
+        picked = to_device(random, torch.long, logits.device)
+        tokens[picked] = self._sample(logits[picked], [rows[i] for i in random])
+        return tokens
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         # logits: [n, vocab]
-        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+        temps = to_device([r.params.temperature for r in rows], logits.dtype, logits.device)
         logits = logits / temps[:, None]
         logits = top_k_top_p(logits, rows)
         logits = min_p_filter(logits, rows)
@@ -109,12 +113,12 @@ def apply_penalties_and_bans(logits: torch.Tensor, rows: list[SamplingRow]) -> t
     for i, row in enumerate(rows):
         p = row.params
         if p.repetition_penalty != 1.0 and row.token_ids:
-            ids = torch.tensor(sorted(set(row.token_ids)), device=logits.device)
+            ids = to_device(sorted(set(row.token_ids)), torch.long, logits.device)
             seen = logits[i, ids]
             logits[i, ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
         banned = banned_token_ids(row)
         if banned:
-            logits[i, torch.tensor(banned, device=logits.device)] = float("-inf")
+            logits[i, to_device(banned, torch.long, logits.device)] = float("-inf")
     return logits
 
 
@@ -141,12 +145,12 @@ def top_k_top_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     keep = torch.ones_like(sorted_logits, dtype=torch.bool)
     if any(top_k):
-        k = torch.tensor([kk if 0 < kk < vocab else vocab for kk in top_k], device=logits.device)
+        k = to_device([kk if 0 < kk < vocab else vocab for kk in top_k], torch.long, logits.device)
         keep &= torch.arange(vocab, device=logits.device)[None, :] < k[:, None]
     if any(p < 1.0 for p in top_p):
         probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
-        p = torch.tensor(top_p, device=logits.device)[:, None]
+        p = to_device(top_p, logits.dtype, logits.device)[:, None]
         keep &= (before < p) | (p >= 1.0)  # top_p = 1 is off, whatever the float32 cumsum says
     keep[:, 0] = True
     mask = torch.empty_like(keep).scatter_(-1, order, keep)
@@ -158,7 +162,7 @@ def min_p_filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     if not any(min_p):
         return logits
     probs = torch.softmax(logits, dim=-1)
-    threshold = torch.tensor(min_p, device=logits.device)[:, None] * probs.max(dim=-1, keepdim=True).values
+    threshold = to_device(min_p, logits.dtype, logits.device)[:, None] * probs.max(dim=-1, keepdim=True).values
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 

@@ -119,8 +119,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> Launched:
-        """Start a step; on CUDA a greedy batch returns before its tokens reach the host, so the
-        leader can prepare the next step while the GPU works (`finish` waits for them)."""
+        """Start a step; on CUDA a batch without log-probabilities returns before its tokens reach
+        the host, so the leader can prepare the next step while the GPU works (`finish` waits)."""
         self._apply(plan)
         if plan.is_empty:
             return Launched(StepResult(plan.step_id))
@@ -181,7 +181,7 @@ class ModelRunner:
         if not batch.sample_ids:
             return Launched(StepResult(plan.step_id))
         rows = [self.requests[r].row() for r in batch.sample_ids]
-        tokens = self.sampler.greedy_tokens(logits, rows) if self.device.type == "cuda" else None
+        tokens = self.sampler.device_tokens(logits, rows) if self.device.type == "cuda" else None
         if tokens is not None:  # copy to pinned host memory behind the step's kernels; `finish` waits
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)

@@ -485,3 +485,47 @@ def test_logprobs_are_of_the_raw_logits(sampler: Sampler) -> None:
 def test_no_logprobs_requested_gives_none(sampler: Sampler) -> None:
     out = sampler(torch.zeros(3, 5), [make_row()] * 3)
     assert out.logprobs == [None, None, None]
+
+
+# ---------------------------------------------------------------------------- tokens left on the device
+
+
+def mixed_rows() -> list[SamplingRow]:
+    """Every kind of row in one batch: greedy, penalised, banned, filtered, seeded and not."""
+    return [
+        make_row(temperature=0.0),
+        make_row(token_ids=[1, 2, 3], temperature=0.0, repetition_penalty=1.5),
+        make_row(temperature=0.7, top_k=5, seed=11),
+        make_row(token_ids=[4, 5], bad_words_ids=[[5, 6]], temperature=1.0, top_p=0.8, seed=12),
+        make_row(temperature=1.3, min_p=0.05, seed=13),
+        make_row(token_ids=[7], num_prompt_tokens=1, eos_token_ids=[2], temperature=1.0, min_tokens=3, seed=14),
+    ]
+
+
+def test_device_tokens_equal_the_host_path() -> None:
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    rows = mixed_rows()
+    on_device = Sampler(seed=3).device_tokens(logits, rows)
+    assert on_device is not None
+    assert on_device.tolist() == Sampler(seed=3)(logits, rows).token_ids
+
+
+def test_device_tokens_leave_log_probabilities_to_the_host_path() -> None:
+    rows = [make_row(temperature=0.0), make_row(temperature=0.0, logprobs=2)]
+    assert Sampler().device_tokens(torch.randn(2, 10), rows) is None
+
+
+@pytest.mark.cuda
+def test_device_tokens_never_wait_for_the_gpu() -> None:
+    """No host sync while sampling any kind of row: the leader prepares the next step meanwhile."""
+    logits = torch.randn(6, 5000, device="cuda")
+    rows = mixed_rows()
+    expected = Sampler(seed=3)(logits, rows).token_ids
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = Sampler(seed=3).device_tokens(logits, rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens is not None and tokens.is_cuda
+    assert tokens.tolist() == expected
