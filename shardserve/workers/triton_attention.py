@@ -10,6 +10,12 @@ p sees keys 0..p (and p − window < key when windowed; ALiBi adds slope · (key
 `write_kv` stores the step's keys and values at their cache slots; slot −1 is skipped (padded
 rows of a captured CUDA graph). An fp8 (e4m3) cache (`cache.kv_cache_dtype: fp8`) stores them
 saturated to ±448 without a scale; the attention kernel reads them back in the query's dtype.
+Whole prompts (no cached prefix, no window, no ALiBi) skip the paged kernel: a run of them of one
+length, consecutive in the step, is one causal `scaled_dot_product_attention` over the step's own
+keys and values, viewed in place, which on Hopper takes cuDNN's fused attention (1.7× our prefill
+tile on 4 × 2048 tokens, benchmarks/README.md). The metadata lists the other sequences' tiles
+first, so the kernel's grid covers them alone, or every tile when the layer needs the kernel's masks.
+
 `TritonAttentionBackend` is checked against the torch reference backend
 (tests/workers/test_triton_attention.py); on a CPU the same kernels run in Triton's interpreter
 (TRITON_INTERPRET=1), which the tests use.
@@ -20,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -31,6 +38,7 @@ ROWS_DECODE = 16  # ... when every sequence has one query token (tl.dot needs 16
 # of benchmarks/attention.py --sweep on an H200 (Llama-8B heads: prefill 4×2048, decode 256×256, 64×2048)
 PREFILL_LAUNCH = (8192, 4, 2)
 DECODE_LAUNCH = (8192, 4, 2)
+FRESH_MIN_LEN = 256  # whole prompts at least this long go to SDPA (shorter ones: the kernel is as fast)
 
 
 @triton.jit
@@ -170,6 +178,8 @@ class TritonMetadata(AttentionMetadata):
     tile_seqs: torch.Tensor | None = None  # [tiles] the sequence of each query tile
     tile_starts: torch.Tensor | None = None  # [tiles] its first query token, within the sequence
     block_q: int = 1  # query tokens per tile
+    kernel_tiles: int = -1  # the tiles of sequences not in `fresh_runs` (they come first); −1: all
+    fresh_runs: tuple[tuple[int, int, int], ...] = ()  # (first token, prompts, length) of whole prompts
 
 
 def tile_rows(group: int, decode_only: bool) -> tuple[int, int]:
@@ -189,15 +199,18 @@ class TritonAttentionBackend:
         decode_only = all(s.query_len == 1 for s in seqs)
         block_q, _ = tile_rows(self.group, decode_only)
         width = max(-(-s.context_len // block_size) for s in seqs)
+        runs = fresh_runs(seqs)
+        fresh = {i for first, n, _ in runs for i in range(first, first + n)}
         tables: list[int] = []
-        starts, lens, tile_seqs, tile_starts = [0], [], [], []
+        starts, lens, tiles, fresh_tiles = [0], [], [], []
         for i, s in enumerate(seqs):
             tables.extend(padded_table(s, width))
             starts.append(starts[-1] + s.query_len)
             lens.append(s.context_len)
-            for t in range(0, s.query_len, block_q):
-                tile_seqs.append(i)
-                tile_starts.append(t)
+            (fresh_tiles if i in fresh else tiles).extend((i, t) for t in range(0, s.query_len, block_q))
+        kernel_tiles = len(tiles)
+        tiles += fresh_tiles
+        tile_seqs, tile_starts = [t[0] for t in tiles], [t[1] for t in tiles]
         dev = to_device(starts + lens + tile_seqs + tile_starts, torch.int32, device)
         n, t = len(seqs), len(tile_seqs)
         return TritonMetadata(
@@ -210,6 +223,8 @@ class TritonAttentionBackend:
             tile_seqs=dev[2 * n + 1 : 2 * n + 1 + t],
             tile_starts=dev[2 * n + 1 + t :],
             block_q=block_q,
+            kernel_tiles=kernel_tiles,
+            fresh_runs=tuple((seqs[first].query_start, n, seqs[first].query_len) for first, n, _ in runs),
         )
 
     def forward(
@@ -226,8 +241,36 @@ class TritonAttentionBackend:
         assert isinstance(meta, TritonMetadata), "build the step's metadata with this backend"
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = q.new_empty(q.shape)
-        paged_attention(q, out, kv_cache, meta, scale, self.group, sliding_window, alibi_slopes)
+        if sliding_window is not None or alibi_slopes is not None or not meta.fresh_runs:
+            paged_attention(q, out, kv_cache, meta, scale, self.group, sliding_window, alibi_slopes)
+            return out
+        if meta.kernel_tiles:
+            paged_attention(q, out, kv_cache, meta, scale, self.group, tiles=meta.kernel_tiles)
+        for start, n, length in meta.fresh_runs:
+            rows = slice(start, start + n * length)
+
+            def batch(x: torch.Tensor) -> torch.Tensor:  # [n·len, heads, d] -> [n, heads, len, d], a view
+                return x[rows].view(n, length, *x.shape[1:]).transpose(1, 2)
+
+            o = F.scaled_dot_product_attention(
+                batch(q), batch(k), batch(v), is_causal=True, scale=scale, enable_gqa=True
+            )
+            batch(out).copy_(o)
         return out
+
+
+def fresh_runs(seqs: list[SeqSpan]) -> list[tuple[int, int, int]]:
+    """(first sequence, count, length) of each run of consecutive whole prompts of one length
+    (no cached prefix, at least FRESH_MIN_LEN tokens)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, s in enumerate(seqs):
+        if s.query_len != s.context_len or s.query_len < FRESH_MIN_LEN:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][2] == s.query_len:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, s.query_len)
+        else:
+            runs.append((i, 1, s.query_len))
+    return runs
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -250,8 +293,10 @@ def paged_attention(
     group: int,
     sliding_window: int | None = None,
     alibi_slopes: torch.Tensor | None = None,
+    tiles: int = -1,
 ) -> None:
-    """out [tokens, heads, d] = attention of q [tokens, heads, d] over the paged cache."""
+    """out [tokens, heads, d] = attention of q [tokens, heads, d] over the paged cache, for the
+    first `tiles` query tiles of `meta` (−1: all)."""
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.is_contiguous()
     assert meta.tile_seqs is not None and meta.block_tables is not None
     head_dim, kv_heads, page = kv_cache.shape[-1], kv_cache.shape[-2], kv_cache.shape[2]
@@ -259,7 +304,7 @@ def paged_attention(
     elements, warps, stages = PREFILL_LAUNCH if meta.block_q * group_pad > ROWS_DECODE else DECODE_LAUNCH
     block_n = max(16, min(128, elements // max(head_dim, 16)))
     alibi = alibi_slopes.to(device=q.device, dtype=torch.float32) if alibi_slopes is not None else q
-    grid = (meta.tile_seqs.shape[0], kv_heads)
+    grid = (meta.tile_seqs.shape[0] if tiles < 0 else tiles, kv_heads)
     _paged_attention_kernel[grid](
         q, out, kv_cache, alibi,
         meta.block_tables, meta.context_lens, meta.query_starts, meta.tile_seqs, meta.tile_starts,

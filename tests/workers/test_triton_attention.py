@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from shardserve.workers import triton_attention as ta  # noqa: E402
 from shardserve.workers.attention import AttentionMetadata, SeqSpan, TorchAttentionBackend  # noqa: E402
 from shardserve.workers.triton_attention import TritonAttentionBackend  # noqa: E402
 from tests.triton_cpu import DEVICE  # noqa: E402
@@ -122,6 +123,38 @@ def test_half_precision_long_contexts(dtype: torch.dtype) -> None:
 def test_fp8_kv_cache_matches_reference_on_rounded_values() -> None:
     kinds = [(500, 1), (0, 300), (120, 77), (33, 1)]
     check(*run_both(kinds, 32, 8, 128, 32, torch.bfloat16, seed=5, kv_dtype=torch.float8_e4m3fn))
+
+
+FRESH = [(0, 9), (0, 9), (37, 1), (0, 9), (0, 12), (0, 12), (33, 40), (0, 3), (64, 7)]  # runs of whole prompts
+
+
+def test_fresh_runs_are_consecutive_whole_prompts_of_one_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ta, "FRESH_MIN_LEN", 4)
+    seqs = make_step(FRESH, 8, 100, random.Random(0))
+    assert ta.fresh_runs(seqs) == [(0, 2, 9), (3, 1, 9), (4, 2, 12)]  # (0, 3) is too short, the rest not whole
+    meta = TritonAttentionBackend(4, 2).build_metadata(seqs, 8, DEVICE)
+    assert meta.fresh_runs == ((0, 2, 9), (19, 1, 9), (28, 2, 12))  # (first token, prompts, length)
+    assert meta.tile_seqs is not None
+    assert set(meta.tile_seqs[: meta.kernel_tiles].tolist()) == {2, 6, 7, 8}  # the kernel's share comes first
+    assert set(meta.tile_seqs[meta.kernel_tiles :].tolist()) == {0, 1, 3, 4, 5}
+
+
+@pytest.mark.parametrize(
+    ("kinds", "window"),
+    [(FRESH, None), ([(0, 9), (0, 9), (0, 5)], None), (FRESH, 4)],
+    ids=["mixed", "fresh-only", "windowed-on-the-kernel"],
+)
+def test_fresh_runs_match_reference(
+    monkeypatch: pytest.MonkeyPatch, kinds: list[tuple[int, int]], window: int | None
+) -> None:
+    monkeypatch.setattr(ta, "FRESH_MIN_LEN", 4)
+    check(*run_both(kinds, 8, 2, 16, 8, torch.float32, window=window, seed=6))
+
+
+@pytest.mark.cuda
+def test_fresh_runs_in_half_precision() -> None:
+    kinds = [(0, 300), (0, 300), (900, 1), (0, 512), (100, 300), (0, 256)]
+    check(*run_both(kinds, 32, 8, 128, 32, torch.bfloat16, seed=7))
 
 
 def test_skipped_slots_leave_the_cache_alone() -> None:
