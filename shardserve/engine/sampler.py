@@ -118,7 +118,7 @@ def apply_penalties_and_bans(logits: torch.Tensor, rows: list[SamplingRow]) -> t
             logits[i, ids] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
         banned = banned_token_ids(row)
         if banned:
-            logits[i, to_device(banned, torch.long, logits.device)] = float("-inf")
+            logits[i].index_fill_(0, to_device(banned, torch.long, logits.device), float("-inf"))  # no host scalar copy
     return logits
 
 
