@@ -99,7 +99,18 @@ def _attend_block(
     return acc, m_new, l_i
 
 
-@triton.jit
+# The step's metadata (int32 tables, read a scalar at a time) varies in offset and width from step
+# to step: specialising on them would compile a new variant mid-serving (about a second each).
+@triton.jit(
+    do_not_specialize=["window", "stride_table"],
+    do_not_specialize_on_alignment=[
+        "tables_ptr",
+        "context_lens_ptr",
+        "query_starts_ptr",
+        "tile_seqs_ptr",
+        "tile_starts_ptr",
+    ],
+)
 def _paged_attention_kernel(
     q_ptr, out_ptr, cache_ptr, alibi_ptr,
     tables_ptr, context_lens_ptr, query_starts_ptr, tile_seqs_ptr, tile_starts_ptr,

@@ -157,6 +157,16 @@ def test_fresh_runs_in_half_precision() -> None:
     check(*run_both(kinds, 32, 8, 128, 32, torch.bfloat16, seed=7))
 
 
+@pytest.mark.cuda
+def test_step_compositions_reuse_the_compiled_kernels() -> None:
+    """Steps of other sizes, widths and mixes compile nothing new (a compile stalls serving ~1 s)."""
+    steps = [[(5, 1)], [(5, 1)] * 3, [(40, 1), (0, 9)], [(0, 17)] * 5, [(100, 3), (7, 1)] * 7, [(1, 1)] * 33]
+    for i, kinds in enumerate(steps):
+        check(*run_both(kinds, 8, 2, 64, 16, torch.bfloat16, seed=i))
+    compiled = ta._paged_attention_kernel.device_caches[torch.cuda.current_device()][0]
+    assert len(compiled) <= 2  # one decode tile, one prefill tile
+
+
 def test_skipped_slots_leave_the_cache_alone() -> None:
     from shardserve.workers.triton_attention import write_kv
 
