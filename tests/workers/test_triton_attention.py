@@ -161,10 +161,11 @@ def test_fresh_runs_in_half_precision() -> None:
 def test_step_compositions_reuse_the_compiled_kernels() -> None:
     """Steps of other sizes, widths and mixes compile nothing new (a compile stalls serving ~1 s)."""
     steps = [[(5, 1)], [(5, 1)] * 3, [(40, 1), (0, 9)], [(0, 17)] * 5, [(100, 3), (7, 1)] * 7, [(1, 1)] * 33]
-    for i, kinds in enumerate(steps):
-        check(*run_both(kinds, 8, 2, 64, 16, torch.bfloat16, seed=i))
     compiled = ta._paged_attention_kernel.device_caches[torch.cuda.current_device()][0]
-    assert len(compiled) <= 2  # one decode tile, one prefill tile
+    before = len(compiled)
+    for i, kinds in enumerate(steps):
+        check(*run_both(kinds, 8, 6, 48, 16, torch.bfloat16, seed=i))  # a head shape no other test uses
+    assert len(compiled) - before <= 2  # one decode tile, one prefill tile
 
 
 def test_skipped_slots_leave_the_cache_alone() -> None:
