@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from shardserve.comm.base import Communicator, PendingSend
+from shardserve.comm.base import DEFAULT, Communicator, PendingSend
 from shardserve.engine.request import SamplingParams
 from shardserve.engine.sampler import Sampler, SamplingRow
 from shardserve.engine.step import CachedRequestData, NewRequestData, StepPlan, StepResult
@@ -151,7 +151,11 @@ class ModelRunner:
         if launched.result is not None:
             return launched.result
         assert launched.tokens is not None and launched.ready is not None
-        launched.ready.synchronize()
+        wait_event = getattr(self.links.comm, "wait_event", None) if self.links is not None else None
+        if wait_event is not None:  # NCCL ranks: a dead or stopped peer is named within the deadline
+            wait_event(launched.ready, DEFAULT, "this step's sampled tokens")
+        else:
+            launched.ready.synchronize()
         return StepResult(launched.step_id, dict(zip(launched.sample_ids, launched.tokens.tolist(), strict=True)))
 
     def _receive(self, num_tokens: int) -> torch.Tensor | None:

@@ -3,6 +3,8 @@ staggered requests with preemption equal the tp=1 engine's (itself checked again
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -36,3 +38,60 @@ def test_nccl_ranks_give_the_tp1_tokens(engines: Engines, layout: str) -> None:
     assert got == reference
     assert preemptions >= 1
     print(layout, [(s.rank, s.steps, round(s.bubble, 3)) for s in engine.executor.rank_stats])  # type: ignore[attr-defined]
+
+
+TIMEOUTS = {"timeout_s": 15.0, "heartbeat_timeout_s": 2.0}
+
+
+def test_nccl_rank_stopped_mid_run_is_named_within_the_deadline(engines: Engines) -> None:
+    """tp=2 over NCCL with CUDA graphs: rank 0 waits for its sampled tokens behind an all-reduce
+    that a stopped peer never joins; the wait ends with an error naming that rank, not a hang.
+    Rank 0 runs in a spawned process: its GPU stream keeps the stuck all-reduce afterwards."""
+    import multiprocessing
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, {torch.cuda.device_count()} visible")
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=stop_rank_1_mid_run, args=(str(engines("llama", "tp2")), results))
+    proc.start()
+    try:
+        outcome, message, seconds, survivors = results.get(timeout=180)
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    assert outcome == "CommError" and "rank 1" in message, message
+    assert seconds < TIMEOUTS["timeout_s"] + 10.0
+    assert not survivors
+
+
+def stop_rank_1_mid_run(model_dir: str, results: Any) -> None:
+    """(In a spawned process.) Stop rank 1 after 3 steps; report how the next steps ended."""
+    import os
+    import signal
+    import time
+
+    from shardserve.comm.base import CommError
+    from shardserve.engine.engine import LLMEngine
+    from tests.workers.ranks import alive, kill_all
+
+    engine = LLMEngine.from_model(
+        model_dir, **SECTIONS, model={"device": "cuda"}, parallel={"comm": "nccl", **TIMEOUTS}
+    )
+    pids = engine.executor.launcher.pids  # type: ignore[attr-defined]
+    outcome, message, start = "no error", "", time.monotonic()
+    try:
+        for i, prompt in enumerate(staggered_prompts(engine.arch.vocab_size)):
+            engine.add_request(prompt, params(), request_id=str(i))
+        for _ in range(3):
+            engine.step()
+        os.kill(pids[1], signal.SIGSTOP)
+        start = time.monotonic()
+        while engine.has_unfinished_requests():
+            engine.step()
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        outcome, message = "CommError" if isinstance(exc, CommError) else type(exc).__name__, str(exc)
+    seconds = time.monotonic() - start
+    kill_all(list(pids.values()))
+    results.put((outcome, message, seconds, [p for p in pids.values() if alive(p)]))
