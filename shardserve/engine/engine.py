@@ -48,12 +48,8 @@ class LLMEngine:
     mpiexec); otherwise the executor starts the engine's ranks itself (see workers/launch.py)."""
 
     def __init__(self, config: DeploymentConfig, world: World | None = None) -> None:
-        from shardserve.demo import default_model_path
-
         self.config = config
-        checkpoint = open_checkpoint(
-            config.model.path or default_model_path(), config.model.tokenizer, config.model.load_format != "dummy"
-        )
+        checkpoint = open_model(config)
         self.arch = parse_arch(checkpoint.config)  # unsupported architectures fail before any weight is read
         self.tokenizer = checkpoint.load_tokenizer()
         self.max_model_len = max_model_len(checkpoint, self.arch, config)
@@ -249,6 +245,15 @@ def _eos_token_ids(checkpoint: Checkpoint, arch: ArchConfig, tokenizer: Any) -> 
         return frozenset(arch.eos_token_ids)
     eos = getattr(tokenizer, "eos_token_id", None)
     return frozenset([eos]) if eos is not None else frozenset()
+
+
+def open_model(config: DeploymentConfig) -> Checkpoint:
+    """The checkpoint `model` names (the bundled demo model by default); weightless when the ranks
+    make dummy weights. Every rank opens it so."""
+    from shardserve.demo import default_model_path
+
+    model = config.model
+    return open_checkpoint(model.path or default_model_path(), model.tokenizer, model.load_format != "dummy")
 
 
 def max_model_len(checkpoint: Checkpoint, arch: ArchConfig, config: DeploymentConfig) -> int:

@@ -109,14 +109,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def run_rank(config: DeploymentConfig, world: Any) -> None:
     """Rank 0: the engine over stdin/stdout JSON lines. Others: follow the leader's plans."""
-    from shardserve.engine.engine import LLMEngine, max_model_len
+    from shardserve.engine.engine import LLMEngine, max_model_len, open_model
     from shardserve.workers.group import follow
     from shardserve.workers.worker import Worker
 
     if world.rank == 0:
         lead(LLMEngine(config, world=world))
         return
-    checkpoint = open_checkpoint(config.model.path, require_weights=config.model.load_format != "dummy")  # type: ignore[arg-type]
+    checkpoint = open_model(config)
     arch = parse_arch(checkpoint.config)
     worker = Worker(checkpoint, arch, config.model, config.cache, max_model_len(checkpoint, arch, config), world)
     follow(worker, world)
