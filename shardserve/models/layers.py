@@ -7,6 +7,8 @@ Each parallel layer owns its shard of the weights and its collective:
 - ParallelLMHead: vocab split; all-gather of the logits.
 Every parameter knows its rank's slice of a full checkpoint tensor (`shard_fn`), so the same code
 loads a full HF checkpoint at run time and cuts rank files at build time (`load_weight`).
+Products go through `cpu_matmul.linear` (oneDNN for float32 on a CPU, else `F.linear`) or, on a
+quantized layer, `quantization.quantized_linear`.
 """
 
 from __future__ import annotations
