@@ -151,11 +151,7 @@ class ModelRunner:
         if launched.result is not None:
             return launched.result
         assert launched.tokens is not None and launched.ready is not None
-        wait_event = getattr(self.links.comm, "wait_event", None) if self.links is not None else None
-        if wait_event is not None:  # NCCL ranks: a dead or stopped peer is named within the deadline
-            wait_event(launched.ready, DEFAULT, "this step's sampled tokens")
-        else:
-            launched.ready.synchronize()
+        self._wait(launched.ready)
         return StepResult(launched.step_id, dict(zip(launched.sample_ids, launched.tokens.tolist(), strict=True)))
 
     def _receive(self, num_tokens: int) -> torch.Tensor | None:
@@ -192,9 +188,22 @@ class ModelRunner:
             ready = torch.cuda.Event()
             ready.record()
             return Launched(None, plan.step_id, batch.sample_ids, host, ready)
+        if self.device.type == "cuda":  # the host sampler reads the logits: wait for them under the deadline
+            computed = torch.cuda.Event()
+            computed.record()
+            self._wait(computed)
         out = self.sampler(logits, rows)
         logprobs = {r: lp for r, lp in zip(batch.sample_ids, out.logprobs, strict=True) if lp is not None}
         return Launched(StepResult(plan.step_id, dict(zip(batch.sample_ids, out.token_ids, strict=True)), logprobs))
+
+    def _wait(self, event: torch.cuda.Event) -> None:
+        """Until the GPU reaches `event`; on NCCL ranks under the rank board's deadline, so a dead
+        or stopped peer inside this step's collectives is named instead of hanging the host."""
+        wait_event = getattr(self.links.comm, "wait_event", None) if self.links is not None else None
+        if wait_event is None:
+            event.synchronize()
+        else:
+            wait_event(event, DEFAULT, "this step's GPU work")
 
     def flush(self) -> None:
         """Wait until the next stage has taken the last hidden states sent to it."""

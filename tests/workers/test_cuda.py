@@ -55,3 +55,25 @@ def test_scaled_mm_matches_dequantized_matmul() -> None:
     ref = torch.nn.functional.linear(x.float(), w)
     fast = quantized_linear(x, q, scale).float()  # fp8 activations too: per-token scales
     assert ((fast - ref).abs().max() / ref.abs().max()) < 0.06
+
+
+def test_cuda_sampled_and_logprob_batches_equal_the_cpu_engine(tiny_checkpoint) -> None:
+    """A sampled batch stays on the device (the async path); one with log-probabilities and a
+    penalty takes the host path. Both give the CPU engine's tokens: top_k=1 makes sampling exact."""
+    path, hf = tiny_checkpoint("llama")
+    prompts = staggered_prompts(hf.config.vocab_size)
+    cache = {"block_size": 8, "num_blocks": 64}
+    scored = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3, repetition_penalty=1.3)
+    sampled = SamplingParams(max_tokens=8, temperature=0.8, top_k=1, top_p=0.9, seed=5, ignore_eos=True)
+    gpu, cpu = LLM(path, device="cuda", dtype="float32", cache=cache), LLM(path, dtype="float32", cache=cache)
+    got, ref = gpu.generate(prompts, scored), cpu.generate(prompts, scored)
+    for g, r in zip(got, ref, strict=True):
+        assert g.token_ids == r.token_ids and g.logprobs is not None and r.logprobs is not None
+        for a, b in zip(g.logprobs, r.logprobs, strict=True):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-3
+    assert [o.token_ids for o in gpu.generate(prompts, sampled)] == [
+        o.token_ids for o in cpu.generate(prompts, GREEDY_8)
+    ]
+
+
+GREEDY_8 = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
