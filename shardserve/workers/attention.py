@@ -116,33 +116,15 @@ class TorchAttentionBackend:
         out = torch.empty_like(q)
         if meta.decode_rows:
             out[meta.decode_tokens] = self._decode(q[meta.decode_tokens], kv_cache, meta, scale, bias)
-        decode = set(meta.decode_rows)
-        fresh: dict[int, list[SeqSpan]] = {}  # whole prompts by length: their k, v are all the context
+        runs = whole_prompt_runs(meta.seqs, 2) if bias.plain else []  # (one-token prompts are decodes)
+        skip = set(meta.decode_rows) | {i for first, n, _ in runs for i in range(first, first + n)}
         for i, s in enumerate(meta.seqs):
-            if i in decode:
-                continue
-            if s.context_len == s.query_len and bias.plain:
-                fresh.setdefault(s.query_len, []).append(s)
-                continue
-            sl = slice(s.query_start, s.query_start + s.query_len)
-            out[sl] = self._prefill(q[sl], kv_cache, s, meta.block_size, scale, bias)
-        for group in fresh.values():
-            self._fresh_prefill(q, k, v, out, group, scale)
+            if i not in skip:
+                sl = slice(s.query_start, s.query_start + s.query_len)
+                out[sl] = self._prefill(q[sl], kv_cache, s, meta.block_size, scale, bias)
+        for first, n, length in runs:
+            attend_whole_prompts(q, k, v, out, meta.seqs[first].query_start, n, length, scale)
         return out
-
-    @staticmethod
-    def _fresh_prefill(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, group: list[SeqSpan], scale: float
-    ) -> None:
-        """Causal attention of whole prompts of one length, batched, straight from this step's k, v."""
-        index = torch.cat([torch.arange(s.query_start, s.query_start + s.query_len) for s in group]).to(q.device)
-        n, length = len(group), group[0].query_len
-
-        def batch(x: torch.Tensor) -> torch.Tensor:  # [n·len, heads, d] -> [n, heads, len, d]
-            return x[index].view(n, length, *x.shape[1:]).transpose(1, 2)
-
-        o = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), is_causal=True, scale=scale, enable_gqa=True)
-        out[index] = o.transpose(1, 2).reshape(n * length, *q.shape[1:])
 
     @staticmethod
     def _decode(
@@ -226,6 +208,34 @@ class _Bias:
         if mask.dtype != torch.bool:
             return mask
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def whole_prompt_runs(seqs: list[SeqSpan], min_len: int) -> list[tuple[int, int, int]]:
+    """(first sequence, count, length) of each run of consecutive whole prompts (no cached
+    prefix) of one length, each at least `min_len` tokens: their k, v are all their context."""
+    runs: list[tuple[int, int, int]] = []
+    for i, s in enumerate(seqs):
+        if s.query_len != s.context_len or s.query_len < min_len:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][2] == s.query_len:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, s.query_len)
+        else:
+            runs.append((i, 1, s.query_len))
+    return runs
+
+
+def attend_whole_prompts(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, start: int, n: int, length: int, scale: float
+) -> None:
+    """Causal attention of `n` whole prompts of `length` tokens at rows [start, start + n·length)
+    of the step: one batched SDPA over views of this step's own q, k, v (no gather)."""
+    rows = slice(start, start + n * length)
+
+    def batch(x: torch.Tensor) -> torch.Tensor:  # [n·len, heads, d] -> [n, heads, len, d], a view
+        return x[rows].view(n, length, *x.shape[1:]).transpose(1, 2)
+
+    o = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), is_causal=True, scale=scale, enable_gqa=True)
+    batch(out).copy_(o)
 
 
 def to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -27,11 +27,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from shardserve.workers.attention import AttentionMetadata, SeqSpan, padded_table, slot_mapping, to_device
+from shardserve.workers.attention import (
+    AttentionMetadata,
+    SeqSpan,
+    attend_whole_prompts,
+    padded_table,
+    slot_mapping,
+    to_device,
+    whole_prompt_runs,
+)
 
 ROWS_PREFILL = 64  # rows (tokens × grouped heads) of a tile when the step has prefill chunks
 ROWS_DECODE = 16  # ... when every sequence has one query token (tl.dot needs 16 rows)
@@ -211,7 +218,7 @@ class TritonAttentionBackend:
         decode_only = all(s.query_len == 1 for s in seqs)
         block_q, _ = tile_rows(self.group, decode_only)
         width = max(-(-s.context_len // block_size) for s in seqs)
-        runs = fresh_runs(seqs)
+        runs = whole_prompt_runs(seqs, FRESH_MIN_LEN)
         fresh = {i for first, n, _ in runs for i in range(first, first + n)}
         tables: list[int] = []
         starts, lens, tiles, fresh_tiles = [0], [], [], []
@@ -260,30 +267,8 @@ class TritonAttentionBackend:
         if meta.kernel_tiles:
             paged_attention(q, out, kv_cache, meta, scale, self.group, tiles=meta.kernel_tiles)
         for start, n, length in meta.fresh_runs:
-            rows = slice(start, start + n * length)
-
-            def batch(x: torch.Tensor) -> torch.Tensor:  # [n·len, heads, d] -> [n, heads, len, d], a view
-                return x[rows].view(n, length, *x.shape[1:]).transpose(1, 2)
-
-            o = F.scaled_dot_product_attention(
-                batch(q), batch(k), batch(v), is_causal=True, scale=scale, enable_gqa=True
-            )
-            batch(out).copy_(o)
+            attend_whole_prompts(q, k, v, out, start, n, length, scale)
         return out
-
-
-def fresh_runs(seqs: list[SeqSpan]) -> list[tuple[int, int, int]]:
-    """(first sequence, count, length) of each run of consecutive whole prompts of one length
-    (no cached prefix, at least FRESH_MIN_LEN tokens)."""
-    runs: list[tuple[int, int, int]] = []
-    for i, s in enumerate(seqs):
-        if s.query_len != s.context_len or s.query_len < FRESH_MIN_LEN:
-            continue
-        if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][2] == s.query_len:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1, s.query_len)
-        else:
-            runs.append((i, 1, s.query_len))
-    return runs
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from shardserve.workers import triton_attention as ta  # noqa: E402
-from shardserve.workers.attention import AttentionMetadata, SeqSpan, TorchAttentionBackend  # noqa: E402
+from shardserve.workers.attention import AttentionMetadata, SeqSpan, TorchAttentionBackend, whole_prompt_runs  # noqa: E402
 from shardserve.workers.triton_attention import TritonAttentionBackend  # noqa: E402
 from tests.triton_cpu import DEVICE  # noqa: E402
 
@@ -131,7 +131,7 @@ FRESH = [(0, 9), (0, 9), (37, 1), (0, 9), (0, 12), (0, 12), (33, 40), (0, 3), (6
 def test_fresh_runs_are_consecutive_whole_prompts_of_one_length(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ta, "FRESH_MIN_LEN", 4)
     seqs = make_step(FRESH, 8, 100, random.Random(0))
-    assert ta.fresh_runs(seqs) == [(0, 2, 9), (3, 1, 9), (4, 2, 12)]  # (0, 3) is too short, the rest not whole
+    assert whole_prompt_runs(seqs, 4) == [(0, 2, 9), (3, 1, 9), (4, 2, 12)]  # (0, 3) is too short, the rest not whole
     meta = TritonAttentionBackend(4, 2).build_metadata(seqs, 8, DEVICE)
     assert meta.fresh_runs == ((0, 2, 9), (19, 1, 9), (28, 2, 12))  # (first token, prompts, length)
     assert meta.tile_seqs is not None
