@@ -1,13 +1,16 @@
 """Paged attention (Triton, `workers/triton_attention.py`) against FlashAttention through torch's
 `scaled_dot_product_attention` on the same shapes without paging, in the same run (CUDA).
 
-    python benchmarks/attention.py [--heads 32] [--kv-heads 8] [--head-dim 128] [--sweep] [--json]
+    python benchmarks/attention.py [--heads 32] [--kv-heads 8] [--head-dim 128] [--kv-cache-dtype fp8]
+                                   [--case decode=1024,1,192 ...] [--sweep] [--json]
 
 Cases: a prefill step of 4 sequences × 2048 new tokens (causal, empty cache: what a 2048-token
 prompt costs), decode steps of 256 sequences × 256 cached tokens and 64 × 2048. Prints ms per call
 and TFLOP/s (causal prefill counts half the score matrix). `--sweep` times every tile launch
 (rows per prefill tile, key elements per block, warps, stages) for the prefill case and the
-decode cases, to choose `ROWS_PREFILL`, `PREFILL_LAUNCH` and `DECODE_LAUNCH`.
+decode cases, to choose `ROWS_PREFILL`, `PREFILL_LAUNCH`, `DECODE_LAUNCH` and `FP8_DECODE_LAUNCH`.
+`--kv-cache-dtype fp8` gives the paged kernel an fp8 (e4m3) cache (SDPA keeps bf16);
+`--case NAME=SEQS,Q_LEN,CONTEXT` replaces the default cases.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ def make_case(seqs: int, q_len: int, context: int, args: argparse.Namespace) -> 
     ]
     q = torch.randn(seqs * q_len, args.heads, args.head_dim, generator=g, device="cuda", dtype=torch.bfloat16)
     # the same keys and values, contiguous per sequence, for SDPA: [seqs, kv_heads, context, d]
+    if args.kv_cache_dtype == "fp8":
+        cache = cache.to(torch.float8_e4m3fn)
     table = torch.tensor([s.block_table for s in spans], device="cuda")
-    k = cache[0][table].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
-    v = cache[1][table].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
+    k = cache[0][table].flatten(1, 2)[:, :context].transpose(1, 2).to(torch.bfloat16).contiguous()
+    v = cache[1][table].flatten(1, 2)[:, :context].transpose(1, 2).to(torch.bfloat16).contiguous()
     return {"spans": spans, "q": q, "cache": cache, "k": k, "v": v, "seqs": seqs, "q_len": q_len, "context": context}
 
 
@@ -87,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    ap.add_argument("--case", action="append", default=[], help="NAME=SEQS,Q_LEN,CONTEXT (repeatable)")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     rows = []
-    for name, shape in CASES.items():
+    cases = {c.split("=")[0]: tuple(int(x) for x in c.split("=")[1].split(",")) for c in args.case} or CASES
+    for name, shape in cases.items():
         case = make_case(*shape, args)
         rows.append(row(name, "sdpa (flash, unpaged)", timed(run_sdpa(case, args)), case, args))
         rows.append(row(name, "triton paged (current)", timed(run_triton(case, args)), case, args))
@@ -102,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
     else:
         heads = f"{args.heads} heads / {args.kv_heads} kv heads × {args.head_dim}"
-        print(f"{report['device']}, torch {report['torch']}, bf16, {heads}")
+        cache = "fp8 cache" if args.kv_cache_dtype == "fp8" else "bf16 cache"
+        print(f"{report['device']}, torch {report['torch']}, bf16, {cache}, {heads}")
         print(f"{'case':<16}{'kernel':<44}{'ms':>9}{'TFLOP/s':>9}")
         for r in rows:
             print(f"{r['case']:<16}{r['kernel']:<44}{r['ms']:>9.3f}{r['tflops']:>9.1f}")
@@ -111,14 +120,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def sweep(name: str, case: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     prefill = case["q_len"] > 1
-    saved = ta.ROWS_PREFILL, ta.PREFILL_LAUNCH, ta.DECODE_LAUNCH
+    saved = ta.ROWS_PREFILL, ta.PREFILL_LAUNCH, ta.DECODE_LAUNCH, ta.FP8_DECODE_LAUNCH
     rows_options = (64, 128) if prefill else (ta.ROWS_DECODE,)
     out = []
     try:
-        for rows, elements, warps, stages in itertools.product(rows_options, (4096, 8192, 16384), (4, 8), (2, 3)):
+        for rows, elements, warps, stages in itertools.product(rows_options, (4096, 8192, 16384), (4, 8), (2, 3, 4)):
             ta.ROWS_PREFILL = rows
             launch = (elements, warps, stages)
-            ta.PREFILL_LAUNCH, ta.DECODE_LAUNCH = (launch, saved[2]) if prefill else (saved[1], launch)
+            if prefill:
+                ta.PREFILL_LAUNCH = launch
+            else:
+                ta.DECODE_LAUNCH = ta.FP8_DECODE_LAUNCH = launch
             try:
                 ms = timed(run_triton(case, args))
             except Exception as exc:  # noqa: BLE001 - a launch that does not fit (shared memory) is skipped
@@ -126,7 +138,7 @@ def sweep(name: str, case: dict[str, Any], args: argparse.Namespace) -> list[dic
                 continue
             out.append(row(name, f"rows {rows}, elements {elements}, warps {warps}, stages {stages}", ms, case, args))
     finally:
-        ta.ROWS_PREFILL, ta.PREFILL_LAUNCH, ta.DECODE_LAUNCH = saved
+        ta.ROWS_PREFILL, ta.PREFILL_LAUNCH, ta.DECODE_LAUNCH, ta.FP8_DECODE_LAUNCH = saved
     return out
 
 

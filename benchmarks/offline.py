@@ -135,7 +135,7 @@ def run_shardserve(args: argparse.Namespace, model: str, prompts: list[list[int]
         counts: dict[str, int] = {}
         steps = 0
         while engine.has_unfinished_requests():
-            with profiled(args, steps):
+            with profiled(args, steps, engine):
                 outs = engine.step()
             steps += 1
             now = time.perf_counter() - start
@@ -182,26 +182,32 @@ def instrument(engine: Any) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def profiled(args: argparse.Namespace, step: int) -> Iterator[None]:
-    """With --profile FILE: steps 40..49 of the run under the torch profiler, its table to FILE."""
-    if not args.profile or not 40 <= step < 50:
+def profiled(args: argparse.Namespace, step: int, engine: Any) -> Iterator[None]:
+    """With --profile FILE: --profile-steps steps (default 10) from --profile-from (default 40) under
+    the torch profiler, its table to FILE (the run's last step closes it if that comes first)."""
+    first, last = args.profile_from, args.profile_from + args.profile_steps - 1
+    if not args.profile or not first <= step <= last:
         yield
         return
-    global _PROFILER
-    if step == 40:
+    global _PROFILER, _PROFILED_FROM
+    if step == first:
         _PROFILER = torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         )
         _PROFILER.__enter__()
+        _PROFILED_FROM = time.perf_counter()
     yield
-    if step == 49:
+    if step == last or not engine.has_unfinished_requests():
         _sync()
+        wall = time.perf_counter() - _PROFILED_FROM
         _PROFILER.__exit__(None, None, None)
         table = _PROFILER.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60)
-        Path(args.profile).write_text(table)
+        Path(args.profile).write_text(f"steps {first}-{step}, wall {wall * 1e3:.1f} ms (profiled)\n{table}")
+        _PROFILER = None
 
 
 _PROFILER: Any = None
+_PROFILED_FROM = 0.0
 
 
 def decode_step(args: argparse.Namespace, model: str, vocab: int) -> dict[str, float]:
@@ -313,7 +319,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--detokenize", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--breakdown", action="store_true", help="report ms per step in each part of the step")
-    ap.add_argument("--profile", help="write a torch profiler table of steps 40-49 to this file")
+    ap.add_argument("--profile", help="write a torch profiler table of ten steps to this file")
+    ap.add_argument("--profile-from", type=int, default=40, help="the first profiled step")
+    ap.add_argument("--profile-steps", type=int, default=10, help="how many steps to profile")
     ap.add_argument("--decode-step", action="store_true", help="also time the batch-1 decode step (CUDA)")
     ap.add_argument("--skip-baseline", action="store_true", help="do not run transformers")
     ap.add_argument("--baseline-batch", type=int, default=0, help="transformers runs only the first N (0: all)")
