@@ -127,17 +127,19 @@ class LLMEngine:
     # -- internals ---------------------------------------------------------------------
     def _on_token(self, req: Request) -> RequestOutput:
         tracked = self._tracked[req.request_id]
-        stop = tracked.detokenizer.update(req.output_token_ids[-1:])
+        new = req.output_token_ids[-1:]
+        stop = tracked.detokenizer.update(new)
         if stop is not None and not req.is_finished:
             self.scheduler.finish(req, FinishReason.STOP)
-        output = self._output(tracked, req.output_token_ids[-1:], stop)
-        if req.is_finished:
+        output = self._output(tracked, new, stop)
+        if output.finished:
             del self._tracked[req.request_id]
         return output
 
     def _output(self, tracked: _Tracked, new: list[int], stop: str | None = None) -> RequestOutput:
         req, detok = tracked.request, tracked.detokenizer
-        if req.is_finished:
+        finished = req.is_finished
+        if finished:
             detok.flush()
         stop_reason: str | int | None = stop
         if stop is None and req.finish_reason is FinishReason.STOP:
@@ -148,9 +150,9 @@ class LLMEngine:
             prompt_token_ids=req.prompt_token_ids,
             new_token_ids=new,
             token_ids=list(req.output_token_ids),
-            text_delta=detok.delta(req.is_finished),
+            text_delta=detok.delta(finished),
             text=detok.text,
-            finished=req.is_finished,
+            finished=finished,
             finish_reason=req.finish_reason,
             stop_reason=stop_reason,
             logprobs=list(req.output_logprobs) if req.params.logprobs is not None else None,

@@ -222,7 +222,10 @@ class Scheduler:
                         req.num_computed_tokens,
                     )
                 )
-            self._sent[request_id] = _Sent(req.num_tokens, len(req.block_ids))
+            if sent is None:
+                self._sent[request_id] = _Sent(req.num_tokens, len(req.block_ids))
+            else:
+                sent.num_tokens, sent.num_blocks = req.num_tokens, len(req.block_ids)
         finished, self._finished_ids = self._finished_ids, []
         return StepPlan(self._step_id, new, cached, scheduled, finished)
 
