@@ -109,7 +109,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def run_rank(config: DeploymentConfig, world: Any) -> None:
     """Rank 0: the engine over stdin/stdout JSON lines. Others: follow the leader's plans."""
-    from shardserve.engine.engine import LLMEngine, max_model_len, open_model
+    from shardserve.engine.engine import LLMEngine, freeze_startup_heap, max_model_len, open_model
     from shardserve.workers.group import follow
     from shardserve.workers.worker import Worker
 
@@ -119,6 +119,7 @@ def run_rank(config: DeploymentConfig, world: Any) -> None:
     checkpoint = open_model(config)
     arch = parse_arch(checkpoint.config)
     worker = Worker(checkpoint, arch, config.model, config.cache, max_model_len(checkpoint, arch, config), world)
+    freeze_startup_heap()
     follow(worker, world)
 
 
