@@ -58,7 +58,8 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(
             self.executor.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.executor.max_in_flight)
+        executor = self.executor
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, executor.max_in_flight, executor.min_micro_batch)
         self.eos_token_ids = _eos_token_ids(checkpoint, self.arch, self.tokenizer)
         self._tracked: dict[str, _Tracked] = {}
         self._aborted: list[RequestOutput] = []

@@ -16,6 +16,9 @@ Pipeline parallelism keeps several plans in flight: a request stays "in flight" 
 plan that schedules it until `update` gets that plan's result, and is neither scheduled
 nor preempted meanwhile, so the next micro-batch is made of the other requests. With
 `micro_batches` = n, a plan takes at most 1/n of the running requests, so n plans fill the pipeline.
+A share smaller than `min_micro_batch` (async scheduling on one GPU: a decode step reads every
+weight whatever its batch, so two small plans cost twice one) is not split: one plan takes every
+running request, and while it is in flight (and no prompt waits) the next plans are empty.
 """
 
 from __future__ import annotations
@@ -46,10 +49,13 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, micro_batches: int = 1) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv_cache: KVCacheManager, micro_batches: int = 1, min_micro_batch: int = 1
+    ) -> None:
         self.config = config
         self.kv_cache = kv_cache
         self.micro_batches = micro_batches  # plans in flight at once: each takes ~1/n of the running requests
+        self.min_micro_batch = min_micro_batch  # a smaller share is not split off: one plan takes them all
         self.waiting: list[Request] = []  # sorted by (-priority, arrival)
         self.running: list[Request] = []  # admission order
         self.requests: dict[str, Request] = {}
@@ -93,9 +99,11 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_tokens
         scheduled: dict[str, int] = {}
-        budget, preempted = self._schedule_running(budget, scheduled)
-        if not preempted:
-            self._schedule_waiting(budget, scheduled)
+        share = self._share()
+        if share is not None:
+            budget, preempted = self._schedule_running(budget, scheduled, share)
+            if not preempted:
+                self._schedule_waiting(budget, scheduled)
         self._step_id += 1
         if scheduled:
             self._in_flight[self._step_id] = [self.requests[r] for r in scheduled]
@@ -130,9 +138,19 @@ class Scheduler:
         return touched
 
     # -- internals -------------------------------------------------------------------------
-    def _schedule_running(self, budget: int, scheduled: dict[str, int]) -> tuple[int, bool]:
+    def _share(self) -> int | None:
+        """Running requests this plan may take; None: nothing (let the plan in flight come back, so
+        that the next one takes every running request). Prompts still waiting are admitted meanwhile."""
+        running = len(self.running)
+        share = -(-running // self.micro_batches)  # a micro-batch's share of the running requests
+        if self.micro_batches == 1 or share >= self.min_micro_batch:
+            return share
+        if not self.waiting and any(r.in_flight for r in self.running):
+            return None
+        return running
+
+    def _schedule_running(self, budget: int, scheduled: dict[str, int], share: int) -> tuple[int, bool]:
         preempted = False
-        share = -(-len(self.running) // self.micro_batches)  # a micro-batch's share of the running requests
         for req in list(self.running):
             if budget <= 0 or len(scheduled) >= share:
                 break

@@ -29,6 +29,11 @@ class Executor(Protocol):
         """Plans the executor keeps in flight at once (the scheduler's micro-batches)."""
         ...
 
+    @property
+    def min_micro_batch(self) -> int:
+        """The fewest running requests worth a plan of their own (fewer: one plan takes them all)."""
+        ...
+
     def run(self, plan: StepPlan) -> Completed: ...
 
     def shutdown(self) -> None: ...
@@ -37,11 +42,14 @@ class Executor(Protocol):
 class LocalExecutor:
     """One rank, in this process. With `depth` 2 (a GPU with `scheduler.async_scheduling`) two
     plans are in flight: `run` starts a plan and returns the previous one's result, so the
-    leader schedules and prepares the next plan while the GPU computes this one."""
+    leader schedules and prepares the next plan while the GPU computes this one. The two plans
+    hold different requests (halves of the batch), unless a half would have fewer than
+    `min_micro_batch`: a decode step reads every weight, so one plan then takes them all."""
 
-    def __init__(self, worker: Worker, depth: int = 1) -> None:
+    def __init__(self, worker: Worker, depth: int = 1, min_micro_batch: int = 1) -> None:
         self.worker = worker
         self.max_in_flight = depth
+        self.min_micro_batch = min_micro_batch
         self.in_flight: deque[tuple[StepPlan, Launched]] = deque()
 
     @property

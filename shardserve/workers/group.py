@@ -77,6 +77,10 @@ class GroupExecutor:
     def max_in_flight(self) -> int:
         return self.depth
 
+    @property
+    def min_micro_batch(self) -> int:
+        return 1  # a pipeline stage left without a micro-batch idles: split however few
+
     def run(self, plan: StepPlan) -> Completed:
         try:
             if not plan.is_empty or plan.finished_request_ids:

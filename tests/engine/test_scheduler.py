@@ -132,10 +132,11 @@ class Driver:
         policy: SchedulerPolicy = MU,
         prefix_caching: bool = True,
         micro_batches: int = 1,
+        min_micro_batch: int = 1,
     ) -> None:
         self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
         config = SchedulerConfig(policy=policy, max_num_tokens=max_num_tokens, max_num_sequences=max_num_sequences)
-        self.scheduler = Scheduler(config, self.kv, micro_batches)
+        self.scheduler = Scheduler(config, self.kv, micro_batches, min_micro_batch)
         self.ranks = FakeRanks(block_size)
         self.requests: dict[str, Request] = {}  # every request ever added
         self.scripts: dict[str, list[int]] = {}
@@ -653,6 +654,41 @@ def test_pipelined_plans_hold_disjoint_requests_and_give_the_same_outputs(depth:
     }
     assert (piped.scheduler.stats.num_preemptions > 0) == (num_blocks == 8)
     piped.assert_pool_full()
+
+
+def test_small_batches_are_not_split_into_micro_batches() -> None:
+    """Two plans in flight (async scheduling), halves of at least 3: 8 running requests go as two
+    plans of 4; once 4 are left (halves of 2) one plan takes all 4, and the plan after it is empty
+    until its result is back, so the batch is never split again."""
+    d = Driver(num_blocks=200, max_num_tokens=64, micro_batches=2, min_micro_batch=3)
+    serial = Driver(num_blocks=200, max_num_tokens=64)
+    for drv in (d, serial):
+        for i in range(8):
+            drv.add(f"r{i}", 4, max_tokens=3 if i < 4 else 8, outputs=[50 + i, 60 + i])
+    d.run_pipelined(2)
+    serial.run()
+    decodes = [sorted(p.num_scheduled_tokens) for p in d.plans if p.num_scheduled_tokens and not p.new_requests]
+    assert {len(names) for names in decodes[:2]} == {4}  # split while 8 run
+    late = [names for names in decodes if not {"r0", "r1", "r2", "r3"} & set(names)]
+    assert late and all(names == ["r4", "r5", "r6", "r7"] for names in late[1:])  # then one plan of all 4
+    assert {r: q.output_token_ids for r, q in d.requests.items()} == {
+        r: q.output_token_ids for r, q in serial.requests.items()
+    }
+    d.assert_pool_full()
+
+
+def test_a_plan_in_flight_does_not_stop_waiting_prompts() -> None:
+    d = Driver(num_blocks=200, max_num_tokens=8, micro_batches=2, min_micro_batch=4)
+    d.add("a", 8, max_tokens=4)
+    d.add("b", 8, max_tokens=4)
+    first = d.schedule()
+    assert list(first.num_scheduled_tokens) == ["a"]
+    second = d.schedule()  # "a" is in flight and "b" waits: admitted now, not held back
+    assert list(second.num_scheduled_tokens) == ["b"]
+    d.complete(first)
+    d.complete(second)
+    d.run_pipelined(2)
+    assert all(d.requests[r].num_output_tokens == 4 for r in "ab")
 
 
 # -- abort in every state -------------------------------------------------------------------
