@@ -153,10 +153,31 @@ def _iter_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     yield from state.items()
 
 
-def _auto_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
+# tokenizer_config.json names of the class transformers' plain fast tokenizer loads as (v4, v5)
+PLAIN_FAST_TOKENIZERS = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
 
+
+def _auto_tokenizer(path: Path) -> Any:
+    """The tokenizer AutoTokenizer would give. Where tokenizer_config.json names the plain fast
+    tokenizer (Llama 3, and any tokenizer saved as one) and no custom code, that class is loaded
+    directly: importing AutoTokenizer pulls in torch.distributed's FSDP, scikit-learn and sympy
+    (6.3–7.0 s of a cold start on the GPU image, against 1.2–1.6 s; benchmarks/README.md)."""
     try:
+        if _plain_fast_tokenizer(path):
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot load the tokenizer ({exc})") from None
+
+
+def _plain_fast_tokenizer(path: Path) -> bool:
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    named = isinstance(config, dict) and config.get("tokenizer_class") in PLAIN_FAST_TOKENIZERS
+    return named and "auto_map" not in config and (path / "tokenizer.json").is_file()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,7 +90,9 @@ def test_unknown_architecture_lists_supported(llama_copy) -> None:
     path, _ = llama_copy
     cfg = json.loads((path / "config.json").read_text())
     cfg["architectures"] = ["FooForCausalLM"]
-    with pytest.raises(CheckpointError, match="unsupported architecture 'FooForCausalLM'; supported: .*LlamaForCausalLM"):
+    with pytest.raises(
+        CheckpointError, match="unsupported architecture 'FooForCausalLM'; supported: .*LlamaForCausalLM"
+    ):
         parse_arch(cfg)
 
 
@@ -100,3 +104,45 @@ def test_missing_tensor_named(llama_copy) -> None:
     save_file(state, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing tensors: model.norm.weight"):
         LLM(path)
+
+
+TEXTS = ["hello world", "  spaced   out ", "ünïcödé and 123", "</s> inside"]
+
+
+@pytest.mark.parametrize("saved_as", ["TokenizersBackend", "PreTrainedTokenizerFast"])
+def test_plain_fast_tokenizer_equals_auto_tokenizer(llama_copy, saved_as: str) -> None:
+    from transformers import AutoTokenizer
+
+    path, _ = llama_copy
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "tokenizer_class": saved_as}))
+    ours = open_checkpoint(path).load_tokenizer()
+    auto = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    assert type(ours) is type(auto)
+    assert (ours.bos_token_id, ours.eos_token_id, len(ours)) == (auto.bos_token_id, auto.eos_token_id, len(auto))
+    for text in TEXTS:
+        ids = auto.encode(text)
+        assert ours.encode(text) == ids
+        assert ours.decode(ids, skip_special_tokens=True) == auto.decode(ids, skip_special_tokens=True)
+
+
+LOAD_AND_LIST = """
+import sys
+from shardserve.builder.checkpoint import open_checkpoint
+open_checkpoint(sys.argv[1]).load_tokenizer()
+print("transformers.models.auto.tokenization_auto" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(("tokenizer_class", "auto"), [("TokenizersBackend", False), ("GPT2TokenizerFast", True)])
+def test_only_other_tokenizers_import_auto_tokenizer(llama_copy, tokenizer_class: str, auto: bool) -> None:
+    """The plain fast tokenizer loads without AutoTokenizer's imports (seconds of a cold start);
+    any other class still goes through AutoTokenizer."""
+    path, _ = llama_copy
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "tokenizer_class": tokenizer_class}))
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_LIST, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(auto)
