@@ -110,11 +110,8 @@ def engine_sections(args: argparse.Namespace, model: str, num_seqs: int) -> dict
         "model": model_section,
         "parallel": {"comm": args.comm},
         "cache": {"kv_cache_dtype": args.kv_cache_dtype},
-        "scheduler": {
-            "max_num_sequences": min(num_seqs, args.max_num_seqs),
-            "max_num_tokens": args.max_num_tokens,
-            "async_min_batch": args.async_min_batch,
-        },
+        "scheduler": {"max_num_sequences": min(num_seqs, args.max_num_seqs), "max_num_tokens": args.max_num_tokens}
+        | ({"async_min_batch": args.async_min_batch} if args.async_min_batch is not None else {}),
     }
 
 
@@ -320,11 +317,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="default: float32 on CPU, bfloat16 on CUDA")  # fmt: skip
     ap.add_argument("--max-num-seqs", type=int, default=256, help="scheduler.max_num_sequences")
     ap.add_argument("--max-num-tokens", type=int, default=4096, help="scheduler.max_num_tokens")
-    ap.add_argument("--async-min-batch", type=int, default=128, help="scheduler.async_min_batch")
+    ap.add_argument("--async-min-batch", type=int, help="scheduler.async_min_batch (default: the config's)")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--detokenize", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--breakdown", action="store_true", help="report ms per step in each part of the step")
-    ap.add_argument("--profile", help="write a torch profiler table of ten steps to this file")
+    ap.add_argument("--profile", help="write a torch profiler table of --profile-steps steps to this file")
     ap.add_argument("--profile-from", type=int, default=40, help="the first profiled step")
     ap.add_argument("--profile-steps", type=int, default=10, help="how many steps to profile")
     ap.add_argument("--decode-step", action="store_true", help="also time the batch-1 decode step (CUDA)")

@@ -169,7 +169,7 @@ class KVCacheManager:
         Returns the block ids appended to `req.block_ids`. Registers the blocks that these
         tokens fill completely in the prefix cache (their contents are fixed by the tokens).
         """
-        if self.num_new_blocks(req, num_new_tokens, prefix) > self.pool.num_free:
+        if not self.can_allocate(req, num_new_tokens, prefix):
             raise NoFreeBlocksError(f"request {req.request_id}: no room for {num_new_tokens} tokens")
         new_ids: list[int] = []
         if self.enable_prefix_caching and req.num_computed_tokens == 0 and not req.block_ids:
@@ -180,11 +180,10 @@ class KVCacheManager:
             new_ids.extend(prefix.block_ids)
             req.num_computed_tokens += prefix.num_tokens
         total = req.num_computed_tokens + num_new_tokens
-        missing = -(-total // self.block_size) - len(req.block_ids) - len(new_ids)
+        missing = self.blocks_needed(total) - len(req.block_ids) - len(new_ids)
         if missing > 0:
             new_ids.extend(self.pool.allocate(missing))
-        if new_ids:
-            req.block_ids.extend(new_ids)
+        req.block_ids.extend(new_ids)
         if self.enable_prefix_caching:
             self._cache_full_blocks(req, total // self.block_size)
         return new_ids

@@ -231,10 +231,7 @@ class TritonAttentionBackend:
             tables.extend(padded_table(s, width))
             starts.append(starts[-1] + s.query_len)
             lens.append(s.context_len)
-            if s.query_len == 1:
-                tiles.append((i, 0))  # a decode: one tile (never a whole prompt of 256 or more)
-            else:
-                (fresh_tiles if i in fresh else tiles).extend((i, t) for t in range(0, s.query_len, block_q))
+            (fresh_tiles if i in fresh else tiles).extend((i, t) for t in range(0, s.query_len, block_q))
         kernel_tiles = len(tiles)
         tiles += fresh_tiles
         tile_seqs, tile_starts = [t[0] for t in tiles], [t[1] for t in tiles]
