@@ -109,9 +109,13 @@ def engine_sections(args: argparse.Namespace, model: str, num_seqs: int) -> dict
     return {
         "model": model_section,
         "parallel": {"comm": args.comm},
-        "cache": {"kv_cache_dtype": args.kv_cache_dtype},
-        "scheduler": {"max_num_sequences": min(num_seqs, args.max_num_seqs), "max_num_tokens": args.max_num_tokens}
-        | ({"async_min_batch": args.async_min_batch} if args.async_min_batch is not None else {}),
+        "cache": {"kv_cache_dtype": args.kv_cache_dtype}
+        | ({"kv_cache_free_gpu_mem_fraction": args.kv_cache_fraction} if args.kv_cache_fraction else {}),
+        "scheduler": {
+            "max_num_sequences": min(num_seqs, args.max_num_seqs),
+            "max_num_tokens": args.max_num_tokens,
+            "policy": args.policy,
+        },
     }
 
 
@@ -317,7 +321,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="default: float32 on CPU, bfloat16 on CUDA")  # fmt: skip
     ap.add_argument("--max-num-seqs", type=int, default=256, help="scheduler.max_num_sequences")
     ap.add_argument("--max-num-tokens", type=int, default=4096, help="scheduler.max_num_tokens")
-    ap.add_argument("--async-min-batch", type=int, help="scheduler.async_min_batch (default: the config's)")
+    ap.add_argument(
+        "--kv-cache-fraction", type=float, help="cache.kv_cache_free_gpu_mem_fraction (default: the config's)"
+    )
+    ap.add_argument("--policy", default="max_utilization", choices=["max_utilization", "guaranteed_completion"],
+                    help="scheduler.policy")  # fmt: skip
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--detokenize", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--breakdown", action="store_true", help="report ms per step in each part of the step")

@@ -60,10 +60,8 @@ class SchedulerConfig(_Section):
     max_num_sequences: int = Field(256, ge=1, description="requests in the running batch")
     async_scheduling: bool | None = Field(
         None,
-        description="a single rank keeps two plans in flight (the next prepared while this one runs); None: on GPUs",
-    )
-    async_min_batch: int = Field(
-        128, ge=1, description="async scheduling splits the running requests in two only when each half has this many"
+        description="a single rank keeps two plans in flight (the next prepared while this one runs, its decodes "
+        "one token ahead, their ids taken on the device); None: on GPUs",
     )
 
 

@@ -59,7 +59,7 @@ class LLMEngine:
             self.executor.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         executor = self.executor
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, executor.max_in_flight, executor.min_micro_batch)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, executor.max_in_flight, executor.run_ahead)
         self.eos_token_ids = _eos_token_ids(checkpoint, self.arch, self.tokenizer)
         self._tracked: dict[str, _Tracked] = {}
         self._aborted: list[RequestOutput] = []

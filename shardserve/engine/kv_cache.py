@@ -167,7 +167,8 @@ class KVCacheManager:
         """Give `req` room for `num_new_tokens` more tokens after its computed ones (and the prefix hit).
 
         Returns the block ids appended to `req.block_ids`. Registers the blocks that these
-        tokens fill completely in the prefix cache (their contents are fixed by the tokens).
+        tokens fill completely in the prefix cache (their contents are fixed by the tokens), as far
+        as the tokens are known (a request scheduled ahead has one the host has not seen yet).
         """
         if not self.can_allocate(req, num_new_tokens, prefix):
             raise NoFreeBlocksError(f"request {req.request_id}: no room for {num_new_tokens} tokens")
@@ -185,7 +186,7 @@ class KVCacheManager:
             new_ids.extend(self.pool.allocate(missing))
         req.block_ids.extend(new_ids)
         if self.enable_prefix_caching:
-            self._cache_full_blocks(req, total // self.block_size)
+            self._cache_full_blocks(req, min(total, req.num_tokens) // self.block_size)
         return new_ids
 
     def free(self, req: Request) -> None:

@@ -121,7 +121,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     num_registered_blocks: int = 0  # leading blocks of `block_ids` already in the prefix cache
-    in_flight: bool = False  # scheduled in a plan whose result has not come back
+    in_flight: int = 0  # plans that schedule it whose results have not come back
 
     @property
     def token_ids(self) -> list[int]:

@@ -16,9 +16,14 @@ Pipeline parallelism keeps several plans in flight: a request stays "in flight" 
 plan that schedules it until `update` gets that plan's result, and is neither scheduled
 nor preempted meanwhile, so the next micro-batch is made of the other requests. With
 `micro_batches` = n, a plan takes at most 1/n of the running requests, so n plans fill the pipeline.
-A share smaller than `min_micro_batch` (async scheduling on one GPU: a decode step reads every
-weight whatever its batch, so two small plans cost twice one) is not split: one plan takes every
-running request, and while it is in flight (and no prompt waits) the next plans are empty.
+
+One rank with two plans in flight (async scheduling on a GPU) does not split the batch: a decode
+step reads every weight whatever its batch, so two half plans cost more than one. With `run_ahead`
+every plan takes every running request, those in flight too: a decoding request is scheduled one
+token ahead of what the host knows, its input id being the token the plan in flight samples for it,
+which the rank keeps on the device (vLLM's async scheduling). Only requests whose sampling reads
+no history run ahead (no repetition penalty, bad words, seed, log-probabilities or pending
+min_tokens), and only with room for two more tokens; the others wait for their token.
 """
 
 from __future__ import annotations
@@ -45,17 +50,22 @@ class SchedulerStats:
     num_steps: int = 0
     num_computed_tokens: int = 0  # tokens run through the model (prefix hits excluded)
     num_preemptions: int = 0
+    num_run_ahead: int = 0  # tokens scheduled while the plan that samples their id was in flight
     finished: dict[str, int] = field(default_factory=dict)
 
 
 class Scheduler:
     def __init__(
-        self, config: SchedulerConfig, kv_cache: KVCacheManager, micro_batches: int = 1, min_micro_batch: int = 1
+        self,
+        config: SchedulerConfig,
+        kv_cache: KVCacheManager,
+        micro_batches: int = 1,
+        run_ahead: bool = False,
     ) -> None:
         self.config = config
         self.kv_cache = kv_cache
         self.micro_batches = micro_batches  # plans in flight at once: each takes ~1/n of the running requests
-        self.min_micro_batch = min_micro_batch  # a smaller share is not split off: one plan takes them all
+        self.run_ahead = run_ahead  # one plan takes every request, those in flight one token ahead
         self.waiting: list[Request] = []  # sorted by (-priority, arrival)
         self.running: list[Request] = []  # admission order
         self.requests: dict[str, Request] = {}
@@ -99,17 +109,16 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_tokens
         scheduled: dict[str, int] = {}
-        share = self._share()
-        if share is not None:
-            budget, preempted = self._schedule_running(budget, scheduled, share)
-            if not preempted:
-                self._schedule_waiting(budget, scheduled)
+        ahead: set[str] = set()  # scheduled one token past what the host knows
+        budget, preempted = self._schedule_running(budget, scheduled, ahead)
+        if not preempted:
+            self._schedule_waiting(budget, scheduled)
         self._step_id += 1
         if scheduled:
             self._in_flight[self._step_id] = [self.requests[r] for r in scheduled]
             for req in self._in_flight[self._step_id]:
-                req.in_flight = True
-        plan = self._make_plan(scheduled)
+                req.in_flight += 1
+        plan = self._make_plan(scheduled, ahead)
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += plan.total_num_scheduled_tokens
         return plan
@@ -121,7 +130,7 @@ class Scheduler:
         for request_id, n in plan.num_scheduled_tokens.items():
             req = owners.get(request_id)
             if req is not None:
-                req.in_flight = False
+                req.in_flight -= 1
             if req is None or self.requests.get(request_id) is not req:
                 continue  # aborted while the step ran (its id may already name a new request)
             req.num_computed_tokens += n
@@ -138,26 +147,21 @@ class Scheduler:
         return touched
 
     # -- internals -------------------------------------------------------------------------
-    def _share(self) -> int | None:
-        """Running requests this plan may take; None: nothing (let the plan in flight come back, so
-        that the next one takes every running request). Prompts still waiting are admitted meanwhile."""
-        running = len(self.running)
-        share = -(-running // self.micro_batches)  # a micro-batch's share of the running requests
-        if self.micro_batches == 1 or share >= self.min_micro_batch:
-            return share
-        if not self.waiting and any(r.in_flight for r in self.running):
-            return None
-        return running
-
-    def _schedule_running(self, budget: int, scheduled: dict[str, int], share: int) -> tuple[int, bool]:
+    def _schedule_running(self, budget: int, scheduled: dict[str, int], ahead: set[str]) -> tuple[int, bool]:
         preempted = False
+        share = len(self.running) if self.run_ahead else -(-len(self.running) // self.micro_batches)
         for req in list(self.running):
             if budget <= 0 or len(scheduled) >= share:
                 break
-            if req.status is not RequestStatus.RUNNING or req.in_flight:
-                continue  # preempted earlier in this loop, or still in the pipeline
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            fits = self.kv_cache.can_allocate(req, n)
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            pending = 0  # tokens in flight this plan computes: the one the plan in flight samples
+            if req.in_flight:
+                if not (self.run_ahead and _can_run_ahead(req)):
+                    continue  # still in the pipeline
+                pending = 1
+            n = 1 if pending else min(req.num_tokens - req.num_computed_tokens, budget)
+            fits = self.kv_cache.can_allocate(req, pending + n)
             while not fits:
                 if self.config.policy is SchedulerPolicy.GUARANTEED_COMPLETION:
                     raise RuntimeError(f"request {req.request_id} outgrew its reserved blocks")
@@ -169,11 +173,14 @@ class Scheduler:
                 preempted = True
                 if victim is req:
                     break
-                fits = self.kv_cache.can_allocate(req, n)
+                fits = self.kv_cache.can_allocate(req, pending + n)
             if fits:
-                self.kv_cache.allocate(req, n)
+                self.kv_cache.allocate(req, pending + n)
                 scheduled[req.request_id] = n
                 budget -= n
+                if pending:
+                    ahead.add(req.request_id)
+                    self.stats.num_run_ahead += 1
         return budget, preempted
 
     def _schedule_waiting(self, budget: int, scheduled: dict[str, int]) -> None:
@@ -223,7 +230,7 @@ class Scheduler:
         if self._sent.pop(req.request_id, None) is not None:
             self._finished_ids.append(req.request_id)
 
-    def _make_plan(self, scheduled: dict[str, int]) -> StepPlan:
+    def _make_plan(self, scheduled: dict[str, int], ahead: set[str]) -> StepPlan:
         new: list[NewRequestData] = []
         cached: list[CachedRequestData] = []
         for request_id in scheduled:
@@ -237,7 +244,7 @@ class Scheduler:
                         request_id,
                         req.tokens_from(sent.num_tokens),
                         req.block_ids[sent.num_blocks :],
-                        req.num_computed_tokens,
+                        req.num_computed_tokens + (request_id in ahead),  # + the token its plan in flight computes
                     )
                 )
             if sent is None:
@@ -255,6 +262,22 @@ class Scheduler:
         if req.max_tokens_left == 0:
             return FinishReason.LENGTH
         return None
+
+
+def _can_run_ahead(req: Request) -> bool:
+    """Its plan in flight computes its last known token (so samples the next one), and the plan after
+    may use that token without the host seeing it: sampling that reads no history, room for two more."""
+    p = req.params
+    return (
+        req.in_flight == 1
+        and req.num_computed_tokens == req.num_tokens - 1
+        and req.max_tokens_left >= 2
+        and p.repetition_penalty == 1.0
+        and p.seed is None
+        and p.logprobs is None
+        and not req.bad_words_ids
+        and req.num_output_tokens >= p.min_tokens
+    )
 
 
 def _new_request_data(req: Request) -> NewRequestData:

@@ -30,8 +30,9 @@ class Executor(Protocol):
         ...
 
     @property
-    def min_micro_batch(self) -> int:
-        """The fewest running requests worth a plan of their own (fewer: one plan takes them all)."""
+    def run_ahead(self) -> bool:
+        """Whether a plan may schedule a request whose last token is still in flight (its ranks
+        take that token from the previous step's output on the device)."""
         ...
 
     def run(self, plan: StepPlan) -> Completed: ...
@@ -42,19 +43,22 @@ class Executor(Protocol):
 class LocalExecutor:
     """One rank, in this process. With `depth` 2 (a GPU with `scheduler.async_scheduling`) two
     plans are in flight: `run` starts a plan and returns the previous one's result, so the
-    leader schedules and prepares the next plan while the GPU computes this one. The two plans
-    hold different requests (halves of the batch), unless a half would have fewer than
-    `min_micro_batch`: a decode step reads every weight, so one plan then takes them all."""
+    leader schedules and prepares the next plan while the GPU computes this one. Each plan takes
+    the whole batch: a request in the plan in flight runs one token ahead (`run_ahead`), its input
+    id taken on the device from the token that plan samples."""
 
-    def __init__(self, worker: Worker, depth: int = 1, min_micro_batch: int = 1) -> None:
+    def __init__(self, worker: Worker, depth: int = 1) -> None:
         self.worker = worker
         self.max_in_flight = depth
-        self.min_micro_batch = min_micro_batch
         self.in_flight: deque[tuple[StepPlan, Launched]] = deque()
 
     @property
     def num_blocks(self) -> int:
         return self.worker.num_blocks
+
+    @property
+    def run_ahead(self) -> bool:
+        return self.max_in_flight > 1
 
     def run(self, plan: StepPlan) -> Completed:
         runner = self.worker.runner

@@ -78,8 +78,8 @@ class GroupExecutor:
         return self.depth
 
     @property
-    def min_micro_batch(self) -> int:
-        return 1  # a pipeline stage left without a micro-batch idles: split however few
+    def run_ahead(self) -> bool:
+        return False  # only the sampling rank holds the sampled tokens
 
     def run(self, plan: StepPlan) -> Completed:
         try:

@@ -114,7 +114,7 @@ def start_executor(
         overlap = config.scheduler.async_scheduling
         if overlap is None:
             overlap = worker.device.type == "cuda"
-        return LocalExecutor(worker, depth=2 if overlap else 1, min_micro_batch=config.scheduler.async_min_batch)
+        return LocalExecutor(worker, depth=2 if overlap else 1)
     backend = resolve_backend(config.parallel.comm, config.model.device)
     if backend == "mpi":
         raise ConfigError(

@@ -4,6 +4,10 @@ runs the model over the paged KV cache and samples the requests whose chunk ends
 With pipeline parallelism a rank runs only its stage: it receives the residual stream
 [tokens, hidden] from the previous stage and sends its own to the next (`StageLinks`); the
 last stage's tp rank 0 samples. Every rank applies every plan (positions, block tables).
+
+A single rank keeps the last step's sampled tokens on the device: a request the scheduler runs
+ahead (scheduled again while its token was in flight) has one token more to compute than the plans
+told this rank, and that token's id is copied from there on the device, never through the host.
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ class ModelRunner:
         self.requests: dict[str, _RequestState] = {}
         self.times = RunnerTimes()
         self._sent: PendingSend | None = None  # the last hidden states posted to the next stage
+        self._sampled: tuple[dict[str, int], torch.Tensor] | None = None  # last step: request -> row of its token
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.finish(self.launch(plan))
@@ -125,6 +130,7 @@ class ModelRunner:
         if plan.is_empty:
             return Launched(StepResult(plan.step_id))
         batch = self._prepare(plan)
+        self._sampled = None
         if not self.times.steps:
             self.times.first_start = time.perf_counter()
         hidden_in = self._receive(len(batch.ids))
@@ -183,6 +189,7 @@ class ModelRunner:
         rows = [self.requests[r].row() for r in batch.sample_ids]
         tokens = self.sampler.device_tokens(logits, rows) if self.device.type == "cuda" else None
         if tokens is not None:  # copy to pinned host memory behind the step's kernels; `finish` waits
+            self._sampled = ({r: i for i, r in enumerate(batch.sample_ids)}, tokens)
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
             ready = torch.cuda.Event()
@@ -193,6 +200,10 @@ class ModelRunner:
             computed.record()
             self._wait(computed)
         out = self.sampler(logits, rows)
+        self._sampled = (
+            {r: i for i, r in enumerate(batch.sample_ids)},
+            to_device(out.token_ids, torch.long, self.device),
+        )
         logprobs = {r: lp for r, lp in zip(batch.sample_ids, out.logprobs, strict=True) if lp is not None}
         return Launched(StepResult(plan.step_id, dict(zip(batch.sample_ids, out.token_ids, strict=True)), logprobs))
 
@@ -233,24 +244,43 @@ class ModelRunner:
         seqs: list[SeqSpan] = []
         sample_ids: list[str] = []
         sample_index: list[int] = []
+        ahead: list[tuple[int, str]] = []  # (flat index, request) of tokens still on the device
         for request_id, n in plan.num_scheduled_tokens.items():
             state = self.requests[request_id]
             start = state.num_computed_tokens
             seqs.append(SeqSpan(len(ids), n, start + n, state.block_ids))
-            ids.extend(state.token_ids[start : start + n])
+            known = state.token_ids[start : start + n]
+            ids.extend(known)
+            if len(known) < n:  # run ahead: its last token is the one it sampled last step
+                if len(known) != n - 1:
+                    raise RuntimeError(f"step asks {n} tokens of {request_id!r}; this rank knows {len(known)}")
+                ahead.append((len(ids), request_id))
+                ids.append(0)
             positions.extend(range(start, start + n))
-            if start + n == len(state.token_ids):
+            if start + n >= len(state.token_ids):
                 sample_ids.append(request_id)
                 sample_index.append(len(ids) - 1)
         dev = self.device
         return _Batch(
-            to_device(ids, torch.long, dev),
+            self._fill_ahead(to_device(ids, torch.long, dev), ahead),
             to_device(positions, torch.long, dev),
             self.backend.build_metadata(seqs, self.block_size, dev),
             sample_ids,
             to_device(sample_index, torch.long, dev),
             len(ids) == len(seqs),
         )
+
+    def _fill_ahead(self, ids: torch.Tensor, ahead: list[tuple[int, str]]) -> torch.Tensor:
+        """ids [tokens] with each run-ahead token copied from the last step's sampled tokens."""
+        if not ahead:
+            return ids
+        rows, tokens = self._sampled or ({}, None)
+        missing = [r for _, r in ahead if r not in rows]
+        if missing or tokens is None:
+            raise RuntimeError(f"requests {missing[:5]} run ahead of a token the last step did not sample")
+        where = to_device([i for i, _ in ahead] + [rows[r] for _, r in ahead], torch.long, self.device)
+        ids[where[: len(ahead)]] = tokens[where[len(ahead) :]]
+        return ids
 
 
 def _state(new: NewRequestData) -> _RequestState:

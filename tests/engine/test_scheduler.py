@@ -14,7 +14,7 @@ import random
 import subprocess
 import sys
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +45,10 @@ def make_request(
     max_total_tokens: int = 4096,
     priority: int = 0,
     arrival: int = 0,
+    sampling: dict[str, Any] | None = None,
 ) -> Request:
-    params = SamplingParams(max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=tuple(stop_token_ids))
+    chosen = dict(max_tokens=max_tokens, min_tokens=min_tokens, stop_token_ids=tuple(stop_token_ids))
+    params = SamplingParams(**chosen | (sampling or {}))
     return Request(
         request_id=request_id,
         prompt_token_ids=list(prompt),
@@ -68,31 +70,42 @@ class _RankView:
     token_ids: list[int]
     block_ids: list[int]
     num_computed_tokens: int
+    num_prompt_tokens: int
 
 
 class FakeRanks:
-    """What a rank knows, rebuilt from plans only, plus a KV cache of slot -> context written there."""
+    """What a rank knows, rebuilt from plans only, plus a KV cache of slot -> context written there.
+    A request scheduled one token past what the plans told (run ahead) takes the token this rank
+    sampled for it in the previous plan, as a GPU rank takes it from its device."""
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, token_for: Callable[[str, int], int]) -> None:
         self.block_size = block_size
+        self.token_for = token_for  # (request, output index) -> the fake model's token
         self.views: dict[str, _RankView] = {}
         self.kv: dict[int, tuple[int, ...]] = {}
+        self.sampled: dict[str, int] = {}  # the previous plan's tokens
 
     def run(self, plan: StepPlan) -> list[str]:
         """Apply the plan, write the scheduled tokens' KV; returns the ids whose chunk reached the end."""
         self._apply(plan)
+        sampled: dict[str, int] = {}
         for request_id, n in plan.num_scheduled_tokens.items():
             view = self.views[request_id]
             start = view.num_computed_tokens
-            assert start + n <= len(view.token_ids), f"{request_id}: scheduled past its tokens"
+            tokens = view.token_ids
+            if start + n == len(tokens) + 1 and request_id in self.sampled:  # run ahead
+                tokens = tokens + [self.sampled[request_id]]
+            assert start + n <= len(tokens), f"{request_id}: scheduled past its tokens"
             assert len(view.block_ids) * self.block_size >= start + n, f"{request_id}: no slot for its tokens"
             for pos in range(start, start + n):  # attention writes every new slot before any read
-                self.kv[self._slot(view, pos)] = tuple(view.token_ids[: pos + 1])
+                self.kv[self._slot(view, pos)] = tuple(tokens[: pos + 1])
+            if start + n == len(tokens):
+                sampled[request_id] = self.token_for(request_id, len(tokens) - view.num_prompt_tokens)
         for request_id, n in plan.num_scheduled_tokens.items():
             self.views[request_id].num_computed_tokens += n
         self._check_kv()
-        done = {r for r, v in self.views.items() if v.num_computed_tokens == len(v.token_ids)}
-        return [r for r in plan.num_scheduled_tokens if r in done]
+        self.sampled = sampled
+        return list(sampled)
 
     def _apply(self, plan: StepPlan) -> None:
         for request_id in plan.finished_request_ids:
@@ -101,7 +114,9 @@ class FakeRanks:
         for new in plan.new_requests:
             assert new.request_id not in self.views, f"{new.request_id} sent as new twice"
             assert len(new.token_ids) >= new.num_prompt_tokens
-            self.views[new.request_id] = _RankView(list(new.token_ids), list(new.block_ids), new.num_computed_tokens)
+            self.views[new.request_id] = _RankView(
+                list(new.token_ids), list(new.block_ids), new.num_computed_tokens, new.num_prompt_tokens
+            )
         for cached in plan.cached_requests:
             view = self.views[cached.request_id]
             assert view.num_computed_tokens == cached.num_computed_tokens, f"{cached.request_id}: progress diverged"
@@ -110,7 +125,7 @@ class FakeRanks:
 
     def _check_kv(self) -> None:
         for request_id, view in self.views.items():
-            for pos in range(view.num_computed_tokens):
+            for pos in range(min(view.num_computed_tokens, len(view.token_ids))):  # a token run ahead: next plan
                 assert self.kv.get(self._slot(view, pos)) == tuple(view.token_ids[: pos + 1]), (
                     f"{request_id}: KV at position {pos} holds other tokens than its context"
                 )
@@ -132,12 +147,12 @@ class Driver:
         policy: SchedulerPolicy = MU,
         prefix_caching: bool = True,
         micro_batches: int = 1,
-        min_micro_batch: int = 1,
+        run_ahead: bool = False,
     ) -> None:
         self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
         config = SchedulerConfig(policy=policy, max_num_tokens=max_num_tokens, max_num_sequences=max_num_sequences)
-        self.scheduler = Scheduler(config, self.kv, micro_batches, min_micro_batch)
-        self.ranks = FakeRanks(block_size)
+        self.scheduler = Scheduler(config, self.kv, micro_batches, run_ahead)
+        self.ranks = FakeRanks(block_size, lambda r, i: self.expected_outputs(r, i + 1)[-1])
         self.requests: dict[str, Request] = {}  # every request ever added
         self.scripts: dict[str, list[int]] = {}
         self.plans: list[StepPlan] = []
@@ -200,8 +215,10 @@ class Driver:
                 return most
             plan = self.schedule()
             flying = {r for p, _ in queue for r in p.num_scheduled_tokens}
-            assert not flying & set(plan.num_scheduled_tokens), "a request scheduled while in flight"
-            assert not flying & set(plan.finished_request_ids), "a request preempted while in flight"
+            if not self.scheduler.run_ahead:
+                assert not flying & set(plan.num_scheduled_tokens), "a request scheduled while in flight"
+            dropped = flying & set(plan.finished_request_ids)  # finished (run ahead of its stop), never preempted
+            assert all(self.requests[r].is_finished for r in dropped), "a request preempted while in flight"
             if plan.num_scheduled_tokens or plan.finished_request_ids:
                 queue.append((plan, self.ranks.run(plan)))
             most = max(most, len(queue))
@@ -656,29 +673,10 @@ def test_pipelined_plans_hold_disjoint_requests_and_give_the_same_outputs(depth:
     piped.assert_pool_full()
 
 
-def test_small_batches_are_not_split_into_micro_batches() -> None:
-    """Two plans in flight (async scheduling), halves of at least 3: 8 running requests go as two
-    plans of 4; once 4 are left (halves of 2) one plan takes all 4, and the plan after it is empty
-    until its result is back, so the batch is never split again."""
-    d = Driver(num_blocks=200, max_num_tokens=64, micro_batches=2, min_micro_batch=3)
-    serial = Driver(num_blocks=200, max_num_tokens=64)
-    for drv in (d, serial):
-        for i in range(8):
-            drv.add(f"r{i}", 4, max_tokens=3 if i < 4 else 8, outputs=[50 + i, 60 + i])
-    d.run_pipelined(2)
-    serial.run()
-    decodes = [sorted(p.num_scheduled_tokens) for p in d.plans if p.num_scheduled_tokens and not p.new_requests]
-    assert {len(names) for names in decodes[:2]} == {4}  # split while 8 run
-    late = [names for names in decodes if not {"r0", "r1", "r2", "r3"} & set(names)]
-    assert late and all(names == ["r4", "r5", "r6", "r7"] for names in late[1:])  # then one plan of all 4
-    assert {r: q.output_token_ids for r, q in d.requests.items()} == {
-        r: q.output_token_ids for r, q in serial.requests.items()
-    }
-    d.assert_pool_full()
-
-
 def test_a_plan_in_flight_does_not_stop_waiting_prompts() -> None:
-    d = Driver(num_blocks=200, max_num_tokens=8, micro_batches=2, min_micro_batch=4)
+    """One rank, two plans in flight: a prompt in flight cannot run ahead (it has no token to
+    sample yet for the next plan), so the next plan admits the waiting one instead."""
+    d = Driver(num_blocks=200, max_num_tokens=8, micro_batches=2, run_ahead=True)
     d.add("a", 8, max_tokens=4)
     d.add("b", 8, max_tokens=4)
     first = d.schedule()
@@ -689,6 +687,70 @@ def test_a_plan_in_flight_does_not_stop_waiting_prompts() -> None:
     d.complete(second)
     d.run_pipelined(2)
     assert all(d.requests[r].num_output_tokens == 4 for r in "ab")
+
+
+def ran_ahead(d: Driver, request_id: str) -> list[int]:
+    """Outputs on the host each time the request was scheduled one token past them (run ahead)."""
+    known, found = 0, []
+    for plan in d.plans:
+        for data in [*plan.new_requests, *plan.cached_requests]:
+            if data.request_id != request_id:
+                continue
+            if isinstance(data, NewRequestData):
+                known, prompt = len(data.token_ids), data.num_prompt_tokens
+            else:
+                known += len(data.new_token_ids)
+            if data.num_computed_tokens + plan.num_scheduled_tokens[request_id] > known:
+                found.append(known - prompt)
+    return found
+
+
+def test_run_ahead_schedules_every_decode_while_its_token_is_in_flight() -> None:
+    """One rank, two plans in flight (run_ahead): each plan takes every decoding request, those in the
+    plan in flight one token ahead, so the batch is never split and no plan is empty while they
+    decode. A request that stops on the token in flight drops the step run ahead of it; outputs equal
+    a serial run's, the fake ranks' KV check passes at every step, and every block comes back."""
+    d = Driver(num_blocks=200, max_num_tokens=64, micro_batches=2, run_ahead=True)
+    serial = Driver(num_blocks=200, max_num_tokens=64)
+    for drv in (d, serial):
+        drv.add("a", 5, max_tokens=7, outputs=[50, 51])
+        drv.add("b", 9, max_tokens=5)
+        drv.add("stops", 6, max_tokens=8, outputs=[60, 61, EOS])
+        for i in range(5):
+            drv.add(f"r{i}", 4, max_tokens=6)
+    d.run_pipelined(2)
+    serial.run()
+    assert {r: q.output_token_ids for r, q in d.requests.items()} == {
+        r: q.output_token_ids for r, q in serial.requests.items()
+    }
+    assert d.requests["stops"].finish_reason is FinishReason.STOP and d.requests["stops"].num_output_tokens == 3
+    busy = [p.step_id for p in d.plans if p.num_scheduled_tokens]  # the plan after the prompts' is empty
+    assert busy[1:] == list(range(busy[1], busy[-1] + 1)), "a plan was empty while requests decoded"
+    # one token on the host, one in flight: ahead until the last one (a: outputs 1-5 of 7, b: 1-3 of 5)
+    assert ran_ahead(d, "a") == [1, 2, 3, 4, 5] and ran_ahead(d, "b") == [1, 2, 3]
+    assert max(len(p.num_scheduled_tokens) for p in d.plans) == 8  # the batch is never split
+    d.assert_pool_full()
+
+
+@pytest.mark.parametrize(
+    "sampling", [{"repetition_penalty": 1.2}, {"seed": 7, "temperature": 0.8}, {"logprobs": 2}, {"min_tokens": 4}]
+)
+def test_sampling_that_reads_history_never_runs_ahead(sampling: dict[str, Any]) -> None:
+    """A request whose next token depends on its last one on the host (penalty, seeded noise indexed
+    by output position, log-probabilities, end ids banned until min_tokens) waits for its token:
+    it is never in two plans in flight at once (min_tokens: only until it has them)."""
+    d = Driver(num_blocks=200, max_num_tokens=64, micro_batches=2, run_ahead=True)
+    d.add("plain", 5, max_tokens=8)
+    d.add("history", 5, max_tokens=8, sampling=sampling)
+    d.run_pipelined(2)
+    assert len(ran_ahead(d, "plain")) >= 5
+    ahead = ran_ahead(d, "history")
+    if "min_tokens" in sampling:  # ahead only once 4 outputs are on the host
+        assert ahead and all(n >= 4 for n in ahead)
+    else:
+        assert ahead == []
+    assert d.requests["history"].num_output_tokens == 8
+    d.assert_pool_full()
 
 
 # -- abort in every state -------------------------------------------------------------------

@@ -64,3 +64,41 @@ def test_id_reused_while_its_aborted_plan_is_in_flight(tiny_checkpoint) -> None:
         final |= {o.request_id: o for o in engine.step() if o.finished and o.token_ids}
     assert final["x"].token_ids == hf_greedy(hf, c, GREEDY.max_tokens)
     assert final["y"].token_ids == hf_greedy(hf, b, GREEDY.max_tokens)
+
+
+def test_run_ahead_gives_the_tokens_of_a_serial_engine(tiny_checkpoint) -> None:
+    """Small batches on one rank with two plans in flight: decodes run one token ahead, their input
+    id taken from the previous step's sampled tokens on the device. Greedy requests give transformers'
+    tokens; a stop token, a repetition penalty, a seeded sampler and min_tokens give what a serial
+    engine (no plans in flight) gives; and the cache ends empty."""
+    path, hf = tiny_checkpoint("llama")
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 300, (6 + i,), generator=g).tolist() for i in range(6)]
+    stop = hf_greedy(hf, prompts[2], 3)[2]
+    params = [
+        GREEDY,
+        GREEDY,
+        SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=(stop,)),
+        SamplingParams(max_tokens=10, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0.8, seed=3, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0.0, min_tokens=4, ignore_eos=True),
+    ]
+    outputs = {}
+    for overlap in (True, False):
+        engine = LLMEngine.from_model(
+            path, cache={"block_size": 4, "num_blocks": 64}, scheduler={"async_scheduling": overlap}
+        )
+        for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
+            engine.add_request(prompt, sp, request_id=str(i))
+        final = {}
+        while engine.has_unfinished_requests():
+            final |= {o.request_id: o for o in engine.step() if o.finished}
+        outputs[overlap] = {r: o.token_ids for r, o in final.items()}
+        if overlap:
+            assert engine.scheduler.stats.num_run_ahead > 20
+            assert final["2"].token_ids[-1] == stop and final["2"].finish_reason.value == "stop"
+        assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+        engine.shutdown()
+    assert outputs[True] == outputs[False]
+    for i in (0, 1):
+        assert outputs[True][str(i)] == hf_greedy(hf, prompts[i], GREEDY.max_tokens)
