@@ -8,12 +8,14 @@ reads keys through its block table. `AttentionBackend` is the seam for faster ke
 
 from __future__ import annotations
 
+import contextlib
 from array import array
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,8 +241,19 @@ def attend_whole_prompts(
     def batch(x: torch.Tensor) -> torch.Tensor:  # [n·len, heads, d] -> [n, heads, len, d], a view
         return x[rows].view(n, length, *x.shape[1:]).transpose(1, 2)
 
-    o = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), is_causal=True, scale=scale, enable_gqa=True)
+    with _prompt_backends(q):
+        o = F.scaled_dot_product_attention(batch(q), batch(k), batch(v), is_causal=True, scale=scale, enable_gqa=True)
     batch(out).copy_(o)
+
+
+# SDPA's kernels for whole prompts on CUDA, cuDNN's fused attention left out: it builds a graph for
+# every new (prompts, length) shape (37-58 ms each on an H100, the first ~1 s), which a server with
+# ever-changing prompt lengths would pay again and again (its kernel is faster once built).
+PROMPT_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _prompt_backends(q: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+    return sdpa_kernel(PROMPT_BACKENDS) if q.is_cuda and PROMPT_BACKENDS else contextlib.nullcontext()
 
 
 _ARRAY_CODES = {torch.int32: "i", torch.int64: "q", torch.float32: "f"}

@@ -14,10 +14,12 @@ instruction where bfloat16 takes three: 4 × 2048 prefill 0.527 against 0.705 ms
 1,500 keys 0.642 against 1.091 ms on an H100) and multiplies in float16 against the query rounded to it.
 Whole prompts (no cached prefix, no window or ALiBi, a cache in the query's dtype) skip the
 paged kernel: a run of them of one length, consecutive in the step, is one causal
-`scaled_dot_product_attention` over the step's own keys and values, viewed in place, which on
-Hopper takes cuDNN's fused attention (4 × 2048 tokens: 0.337 against the kernel's 0.488 ms on an
-H100, benchmarks/README.md). The metadata lists the other sequences' tiles first, so the kernel's
-grid covers them alone, or every tile when the layer needs the kernel's masks.
+`scaled_dot_product_attention` over the step's own keys and values, viewed in place, through
+FlashAttention (`attention.PROMPT_BACKENDS`). cuDNN's fused attention is faster once built (4 × 2048
+tokens: 0.269 against 0.481 ms on an H100) but builds a graph for every new (prompts, length)
+shape, 37-58 ms each and ~1 s for the first (benchmarks/README.md). The metadata lists the other
+sequences' tiles first, so the kernel's grid covers them alone, or every tile when the layer needs
+the kernel's masks.
 
 `TritonAttentionBackend` is checked against the torch reference backend
 (tests/workers/test_triton_attention.py); on a CPU the same kernels run in Triton's interpreter
