@@ -77,7 +77,11 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor)
         else:
             x_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
             xq = (x / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype)
+        # fast accumulation (partial sums not promoted to float32 along K, like vLLM's CUTLASS fp8
+        # kernels): 8-20 % faster on an H100 (benchmarks/README.md), within the fp8 tests' tolerance
+        return torch._scaled_mm(
+            xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype, use_fast_accum=True
+        )
     return nn.functional.linear(x, weight.to(x.dtype) * scale[:, None].to(x.dtype))
 
 
