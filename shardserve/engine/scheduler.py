@@ -148,13 +148,14 @@ class Scheduler:
 
     # -- internals -------------------------------------------------------------------------
     def _schedule_running(self, budget: int, scheduled: dict[str, int], ahead: set[str]) -> tuple[int, bool]:
-        preempted = False
+        preempted = False  # (or a victim held back): no prompt is admitted in this plan
         share = len(self.running) if self.run_ahead else -(-len(self.running) // self.micro_batches)
+        held: set[str] = set()  # victims still in flight, kept out of this plan to be preempted in the next
         for req in list(self.running):
             if budget <= 0 or len(scheduled) >= share:
                 break
-            if req.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if req.status is not RequestStatus.RUNNING or req.request_id in held:
+                continue  # preempted or held back earlier in this loop
             pending = 0  # tokens in flight this plan computes: the one the plan in flight samples
             if req.in_flight:
                 if not (self.run_ahead and _can_run_ahead(req)):
@@ -165,9 +166,14 @@ class Scheduler:
             while not fits:
                 if self.config.policy is SchedulerPolicy.GUARANTEED_COMPLETION:
                     raise RuntimeError(f"request {req.request_id} outgrew its reserved blocks")
-                victim = self._newest_running()
+                victim = self._victim()
                 if victim is None:
                     break  # the only candidates are in flight: wait for them
+                if victim.in_flight:  # run ahead: its result is still to come
+                    held.add(victim.request_id)
+                    budget += self._unschedule(victim, scheduled, ahead)
+                    preempted = True
+                    break
                 budget += scheduled.pop(victim.request_id, 0)
                 self._preempt(victim)
                 preempted = True
@@ -207,10 +213,20 @@ class Scheduler:
         mine = kv.blocks_needed(req.max_final_tokens) - len(prefix.block_ids)
         return kv.num_free_blocks - kv.pool.num_free_among(prefix.block_ids) - outstanding >= mine
 
-    def _newest_running(self) -> Request | None:
-        """The preemption victim: lowest priority, newest; never one still in the pipeline."""
-        candidates = [r for r in self.running if not r.in_flight]
+    def _victim(self) -> Request | None:
+        """The preemption victim: lowest priority, newest. In a pipeline never one still in flight (the
+        next micro-batch is made of the others). Running ahead, every request is in flight in most
+        plans: the victim is chosen among all, and one in flight is held out of the plan being made,
+        so that the next plan can preempt it (the request that needs its blocks waits meanwhile)."""
+        candidates = self.running if self.run_ahead else [r for r in self.running if not r.in_flight]
         return min(candidates, key=lambda r: (r.priority, -r.arrival)) if candidates else None
+
+    def _unschedule(self, req: Request, scheduled: dict[str, int], ahead: set[str]) -> int:
+        """Take `req` out of the plan being made (the blocks it got stay its own); returns its tokens."""
+        if req.request_id in ahead:
+            ahead.discard(req.request_id)
+            self.stats.num_run_ahead -= 1
+        return scheduled.pop(req.request_id, 0)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -732,6 +732,27 @@ def test_run_ahead_schedules_every_decode_while_its_token_is_in_flight() -> None
     d.assert_pool_full()
 
 
+@pytest.mark.parametrize(("old_priority", "new_priority", "victim"), [(0, 0, "new"), (1, 0, "new"), (0, 1, "old")])
+def test_run_ahead_preempts_the_newest_lowest_priority_though_it_is_in_flight(
+    old_priority: int, new_priority: int, victim: str
+) -> None:
+    """Running ahead, every request is in flight when "old" needs a block: the victim is still the
+    newest of the lowest priority, held out of one plan so that the next can preempt it (not the
+    request that happened to need the block). Outputs equal a serial run's."""
+    d = Driver(num_blocks=6, max_num_tokens=64, micro_batches=2, run_ahead=True)
+    serial = Driver(num_blocks=6, max_num_tokens=64)
+    for drv in (d, serial):
+        drv.add("old", 6, max_tokens=10, priority=old_priority)  # 2 blocks, a 3rd at its 3rd output
+        drv.add("new", 12, max_tokens=10, priority=new_priority)  # 3 blocks, the last free one at its 2nd
+    d.run_pipelined(2)
+    serial.run()
+    assert {r: q.num_preemptions > 0 for r, q in d.requests.items()} == {"old": victim == "old", "new": victim == "new"}
+    assert {r: q.output_token_ids for r, q in d.requests.items()} == {
+        r: q.output_token_ids for r, q in serial.requests.items()
+    }
+    d.assert_pool_full()
+
+
 @pytest.mark.parametrize(
     "sampling", [{"repetition_penalty": 1.2}, {"seed": 7, "temperature": 0.8}, {"logprobs": 2}, {"min_tokens": 4}]
 )
