@@ -150,6 +150,9 @@ def run_shardserve(args: argparse.Namespace, model: str, prompts: list[list[int]
                     last[out.request_id] = now
                     counts[out.request_id] = counts.get(out.request_id, 0) + len(out.new_token_ids)
         seconds = time.perf_counter() - start
+        stats = engine.scheduler.stats  # the warm-up request included
+        args.scheduler_stats = {"steps": stats.num_steps, "preemptions": stats.num_preemptions,
+                                "run_ahead_tokens": stats.num_run_ahead}  # fmt: skip
     finally:
         engine.shutdown()
         del engine
@@ -386,6 +389,8 @@ def run_all(args: argparse.Namespace, model: str) -> dict[str, Any]:
     }
     if len(results) == 2:
         report["ratio"] = results[1].tokens_per_s / results[0].tokens_per_s
+    if hasattr(args, "scheduler_stats"):
+        report["scheduler"] = args.scheduler_stats
     if args.breakdown:
         report["breakdown_ms_per_step"] = args.breakdown_ms
     if args.decode_step and args.arch and args.device == "cuda" and args.tp * args.pp == 1:
@@ -399,6 +404,11 @@ def table(report: dict[str, Any]) -> str:
         f"{report['dtype']}, quantization {report['quantization']}, tp={report['tp']} pp={report['pp']}, "
         f"{report['device']} "
         f"(transformers: first {report['baseline_batch']}; all runs {report['all_tokens_per_s']} tok/s)",
+        *(
+            ["scheduler: " + ", ".join(f"{k} {v}" for k, v in report["scheduler"].items())]
+            if "scheduler" in report
+            else []
+        ),
         f"{'engine':<14}{'seconds':>10}{'out tokens':>12}{'tok/s':>10}{'TTFT ms':>10}{'TPOT ms':>10}",
     ]
     for r in report["results"]:
