@@ -27,10 +27,11 @@ class SamplingRow:
     num_prompt_tokens: int
     eos_token_ids: frozenset[int]
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    num_pending: int = 0  # outputs sampled but not in `token_ids` yet (a request run ahead: the last one)
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) - self.num_prompt_tokens + self.num_pending
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,8 @@ step reads every weight whatever its batch, so two half plans cost more than one
 every plan takes every running request, those in flight too: a decoding request is scheduled one
 token ahead of what the host knows, its input id being the token the plan in flight samples for it,
 which the rank keeps on the device (vLLM's async scheduling). Only requests whose sampling reads
-no history run ahead (no repetition penalty, bad words, seed, log-probabilities or pending
-min_tokens), and only with room for two more tokens; the others wait for their token.
+no earlier token run ahead (no repetition penalty, bad words or log-probabilities), and only with
+room for two more tokens; the others wait for their token.
 """
 
 from __future__ import annotations
@@ -282,17 +282,16 @@ class Scheduler:
 
 def _can_run_ahead(req: Request) -> bool:
     """Its plan in flight computes its last known token (so samples the next one), and the plan after
-    may use that token without the host seeing it: sampling that reads no history, room for two more."""
+    may use that token without the host seeing it: sampling that reads no earlier token (a seed and
+    min_tokens need only the count, which the rank keeps), room for two more tokens."""
     p = req.params
     return (
         req.in_flight == 1
         and req.num_computed_tokens == req.num_tokens - 1
         and req.max_tokens_left >= 2
         and p.repetition_penalty == 1.0
-        and p.seed is None
         and p.logprobs is None
         and not req.bad_words_ids
-        and req.num_output_tokens >= p.min_tokens
     )
 
 

@@ -39,8 +39,10 @@ class _RequestState:
     block_ids: list[int]
     num_computed_tokens: int
 
-    def row(self) -> SamplingRow:
-        return SamplingRow(self.params, self.token_ids, self.num_prompt_tokens, self.eos_token_ids, self.bad_words_ids)
+    def row(self, num_pending: int) -> SamplingRow:
+        return SamplingRow(
+            self.params, self.token_ids, self.num_prompt_tokens, self.eos_token_ids, self.bad_words_ids, num_pending
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,7 @@ class _Batch:
     positions: torch.Tensor  # [tokens]
     meta: AttentionMetadata
     sample_ids: list[str]  # requests sampled this step
+    ahead_ids: frozenset[str]  # ... of which these run ahead (one output still on the device)
     sample_index: torch.Tensor  # [sampled] flat index of each one's last token
     decode_only: bool  # every sequence has one token this step
 
@@ -186,7 +189,7 @@ class ModelRunner:
     def _sample(self, plan: StepPlan, batch: _Batch, logits: torch.Tensor) -> Launched:
         if not batch.sample_ids:
             return Launched(StepResult(plan.step_id))
-        rows = [self.requests[r].row() for r in batch.sample_ids]
+        rows = [self.requests[r].row(int(r in batch.ahead_ids)) for r in batch.sample_ids]
         tokens = self.sampler.device_tokens(logits, rows) if self.device.type == "cuda" else None
         if tokens is not None:  # copy to pinned host memory behind the step's kernels; `finish` waits
             self._sampled = ({r: i for i, r in enumerate(batch.sample_ids)}, tokens)
@@ -266,6 +269,7 @@ class ModelRunner:
             to_device(positions, torch.long, dev),
             self.backend.build_metadata(seqs, self.block_size, dev),
             sample_ids,
+            frozenset(r for _, r in ahead),
             to_device(sample_index, torch.long, dev),
             len(ids) == len(seqs),
         )

@@ -754,23 +754,24 @@ def test_run_ahead_preempts_the_newest_lowest_priority_though_it_is_in_flight(
 
 
 @pytest.mark.parametrize(
-    "sampling", [{"repetition_penalty": 1.2}, {"seed": 7, "temperature": 0.8}, {"logprobs": 2}, {"min_tokens": 4}]
+    ("sampling", "runs_ahead"),
+    [
+        ({"repetition_penalty": 1.2}, False),  # the penalty reads every earlier token
+        ({"logprobs": 2}, False),  # sampled on the host
+        ({"seed": 7, "temperature": 0.8}, True),  # its noise needs the output index only, which the rank keeps
+        ({"min_tokens": 4}, True),  # ... and so does the ban of end ids before min_tokens
+    ],
 )
-def test_sampling_that_reads_history_never_runs_ahead(sampling: dict[str, Any]) -> None:
-    """A request whose next token depends on its last one on the host (penalty, seeded noise indexed
-    by output position, log-probabilities, end ids banned until min_tokens) waits for its token:
-    it is never in two plans in flight at once (min_tokens: only until it has them)."""
+def test_only_sampling_that_reads_earlier_tokens_waits_for_them(sampling: dict[str, Any], runs_ahead: bool) -> None:
+    """A request whose next token depends on the tokens themselves on the host waits for its token:
+    it is never in two plans in flight at once. Seeded sampling and min_tokens run ahead like greedy."""
     d = Driver(num_blocks=200, max_num_tokens=64, micro_batches=2, run_ahead=True)
     d.add("plain", 5, max_tokens=8)
-    d.add("history", 5, max_tokens=8, sampling=sampling)
+    d.add("other", 5, max_tokens=8, sampling=sampling)
     d.run_pipelined(2)
-    assert len(ran_ahead(d, "plain")) >= 5
-    ahead = ran_ahead(d, "history")
-    if "min_tokens" in sampling:  # ahead only once 4 outputs are on the host
-        assert ahead and all(n >= 4 for n in ahead)
-    else:
-        assert ahead == []
-    assert d.requests["history"].num_output_tokens == 8
+    assert ran_ahead(d, "plain") == [1, 2, 3, 4, 5, 6]
+    assert ran_ahead(d, "other") == (ran_ahead(d, "plain") if runs_ahead else [])
+    assert d.requests["other"].num_output_tokens == 8
     d.assert_pool_full()
 
 
