@@ -110,8 +110,8 @@ class Scheduler:
         budget = self.config.max_num_tokens
         scheduled: dict[str, int] = {}
         ahead: set[str] = set()  # scheduled one token past what the host knows
-        budget, preempted = self._schedule_running(budget, scheduled, ahead)
-        if not preempted:
+        budget, short = self._schedule_running(budget, scheduled, ahead)
+        if not short:
             self._schedule_waiting(budget, scheduled)
         self._step_id += 1
         if scheduled:
@@ -148,7 +148,9 @@ class Scheduler:
 
     # -- internals -------------------------------------------------------------------------
     def _schedule_running(self, budget: int, scheduled: dict[str, int], ahead: set[str]) -> tuple[int, bool]:
-        preempted = False  # (or a victim held back): no prompt is admitted in this plan
+        """Schedule running requests (oldest first); returns the budget left and whether blocks ran short
+        (a request was preempted or a victim held back: then no prompt is admitted in this plan)."""
+        short = False
         share = len(self.running) if self.run_ahead else -(-len(self.running) // self.micro_batches)
         held: set[str] = set()  # victims still in flight, kept out of this plan to be preempted in the next
         for req in list(self.running):
@@ -162,24 +164,9 @@ class Scheduler:
                     continue  # still in the pipeline
                 pending = 1
             n = 1 if pending else min(req.num_tokens - req.num_computed_tokens, budget)
-            fits = self.kv_cache.can_allocate(req, pending + n)
-            while not fits:
-                if self.config.policy is SchedulerPolicy.GUARANTEED_COMPLETION:
-                    raise RuntimeError(f"request {req.request_id} outgrew its reserved blocks")
-                victim = self._victim()
-                if victim is None:
-                    break  # the only candidates are in flight: wait for them
-                if victim.in_flight:  # run ahead: its result is still to come
-                    held.add(victim.request_id)
-                    budget += self._unschedule(victim, scheduled, ahead)
-                    preempted = True
-                    break
-                budget += scheduled.pop(victim.request_id, 0)
-                self._preempt(victim)
-                preempted = True
-                if victim is req:
-                    break
-                fits = self.kv_cache.can_allocate(req, pending + n)
+            fits, given_back, preempting = self._make_room(req, pending + n, scheduled, ahead, held)
+            budget += given_back
+            short |= preempting
             if fits:
                 self.kv_cache.allocate(req, pending + n)
                 scheduled[req.request_id] = n
@@ -187,7 +174,29 @@ class Scheduler:
                 if pending:
                     ahead.add(req.request_id)
                     self.stats.num_run_ahead += 1
-        return budget, preempted
+        return budget, short
+
+    def _make_room(
+        self, req: Request, tokens: int, scheduled: dict[str, int], ahead: set[str], held: set[str]
+    ) -> tuple[bool, int, bool]:
+        """Preempt victims until `req` has blocks for `tokens` more tokens. Returns (it fits, plan tokens
+        given back by victims scheduled earlier in this plan, whether any victim was taken or held)."""
+        given_back, taken = 0, False
+        while not self.kv_cache.can_allocate(req, tokens):
+            if self.config.policy is SchedulerPolicy.GUARANTEED_COMPLETION:
+                raise RuntimeError(f"request {req.request_id} outgrew its reserved blocks")
+            victim = self._victim()
+            if victim is None:
+                return False, given_back, taken  # the only candidates are in flight: wait for them
+            taken = True
+            if victim.in_flight:  # run ahead: its result is still to come
+                held.add(victim.request_id)
+                return False, given_back + self._unschedule(victim, scheduled, ahead), taken
+            given_back += scheduled.pop(victim.request_id, 0)
+            self._preempt(victim)
+            if victim is req:
+                return False, given_back, taken
+        return True, given_back, taken
 
     def _schedule_waiting(self, budget: int, scheduled: dict[str, int]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_sequences:
