@@ -119,6 +119,7 @@ class Scheduler:
             for req in self._in_flight[self._step_id]:
                 req.in_flight += 1
         plan = self._make_plan(scheduled, ahead)
+        self.stats.num_run_ahead += len(ahead)
         self.stats.num_steps += 1
         self.stats.num_computed_tokens += plan.total_num_scheduled_tokens
         return plan
@@ -173,7 +174,6 @@ class Scheduler:
                 budget -= n
                 if pending:
                     ahead.add(req.request_id)
-                    self.stats.num_run_ahead += 1
         return budget, short
 
     def _make_room(
@@ -232,9 +232,7 @@ class Scheduler:
 
     def _unschedule(self, req: Request, scheduled: dict[str, int], ahead: set[str]) -> int:
         """Take `req` out of the plan being made (the blocks it got stay its own); returns its tokens."""
-        if req.request_id in ahead:
-            ahead.discard(req.request_id)
-            self.stats.num_run_ahead -= 1
+        ahead.discard(req.request_id)
         return scheduled.pop(req.request_id, 0)
 
     def _preempt(self, req: Request) -> None:

@@ -120,7 +120,8 @@ class ModelRunner:
         self.requests: dict[str, _RequestState] = {}
         self.times = RunnerTimes()
         self._sent: PendingSend | None = None  # the last hidden states posted to the next stage
-        self._sampled: tuple[dict[str, int], torch.Tensor] | None = None  # last step: request -> row of its token
+        # the last step's sampled requests and their tokens (on the device, or a host list)
+        self._sampled: tuple[list[str], torch.Tensor | list[int]] | None = None
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.finish(self.launch(plan))
@@ -192,7 +193,7 @@ class ModelRunner:
         rows = [self.requests[r].row(int(r in batch.ahead_ids)) for r in batch.sample_ids]
         tokens = self.sampler.device_tokens(logits, rows) if self.device.type == "cuda" else None
         if tokens is not None:  # copy to pinned host memory behind the step's kernels; `finish` waits
-            self._sampled = ({r: i for i, r in enumerate(batch.sample_ids)}, tokens)
+            self._sampled = (batch.sample_ids, tokens)
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
             ready = torch.cuda.Event()
@@ -203,10 +204,7 @@ class ModelRunner:
             computed.record()
             self._wait(computed)
         out = self.sampler(logits, rows)
-        self._sampled = (
-            {r: i for i, r in enumerate(batch.sample_ids)},
-            to_device(out.token_ids, torch.long, self.device),
-        )
+        self._sampled = (batch.sample_ids, out.token_ids)
         logprobs = {r: lp for r, lp in zip(batch.sample_ids, out.logprobs, strict=True) if lp is not None}
         return Launched(StepResult(plan.step_id, dict(zip(batch.sample_ids, out.token_ids, strict=True)), logprobs))
 
@@ -278,10 +276,13 @@ class ModelRunner:
         """ids [tokens] with each run-ahead token copied from the last step's sampled tokens."""
         if not ahead:
             return ids
-        rows, tokens = self._sampled or ({}, None)
+        sample_ids, tokens = self._sampled or ([], [])
+        rows = {r: i for i, r in enumerate(sample_ids)}
         missing = [r for _, r in ahead if r not in rows]
-        if missing or tokens is None:
+        if missing:
             raise RuntimeError(f"requests {missing[:5]} run ahead of a token the last step did not sample")
+        if isinstance(tokens, list):  # sampled on the host
+            tokens = to_device(tokens, torch.long, self.device)
         where = to_device([i for i, _ in ahead] + [rows[r] for _, r in ahead], torch.long, self.device)
         ids[where[: len(ahead)]] = tokens[where[len(ahead) :]]
         return ids
