@@ -3,6 +3,8 @@
 Each replaces a chain of torch kernels that reads and writes the activations several times:
 - `rms_norm`: (x + residual) → new residual, RMSNorm in float32 → weight · normed: one pass;
 - `silu_and_mul`: silu(gate) · up from the fused gate/up projection: one pass;
+- `rms_norm_fp8`, `silu_and_mul_fp8`: the same, quantized per token for the fp8 matmul that reads
+  them (`quantization.Fp8Input`), so no separate quantize pass reads them again;
 - `rotary_`: rotate-half rotary embeddings of q and k in place (views of the fused qkv output);
 - `quantize_fp8_per_token`: a row's amax, its scale and the fp8 cast (before `torch._scaled_mm`).
 They round where the torch layers round (the residual sum and the normed value to the activation
@@ -29,10 +31,23 @@ def enabled(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _store_row(out, scale_out, y, ok, FP8_MAX: tl.constexpr):
+        """Store a row of activations as they are or, with FP8_MAX > 0, quantized per token: its
+        amax / FP8_MAX to `scale_out` and y / scale in fp8, as `_quant_fp8_kernel` would (masked
+        columns must hold zeros)."""
+        if FP8_MAX > 0:
+            yf = y.to(tl.float32)
+            scale = tl.maximum(tl.max(tl.abs(yf), 0), 1e-12) / FP8_MAX
+            tl.store(out, tl.minimum(tl.maximum(yf / scale, -FP8_MAX), FP8_MAX).to(out.dtype.element_ty), mask=ok)
+            tl.store(scale_out, scale)
+        else:
+            tl.store(out, y.to(out.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _rms_norm_kernel(
-        x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps,
+        x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr, eps,
         stride_x, stride_res, stride_out, stride_res_out,
-        N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FP8_MAX: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -46,28 +61,29 @@ if triton is not None:
         inv = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
         normed = (h * inv).to(x.dtype).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=ok)
+        _store_row(out_ptr + row * stride_out + cols, scale_ptr + row, (w * normed).to(x.dtype), ok, FP8_MAX)
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, N: tl.constexpr, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(
+        x_ptr, out_ptr, scale_ptr, stride_x, stride_out, N: tl.constexpr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr
+    ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # FP8_MAX > 0: one block holds the row
         ok = cols < N
         gate = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * stride_x + N + cols, mask=ok, other=0.0)
         act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)  # silu, rounded as torch's silu output is
-        tl.store(out_ptr + row * stride_out + cols, (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype), mask=ok)
+        y = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+        _store_row(out_ptr + row * stride_out + cols, scale_ptr + row, y, ok, FP8_MAX)
 
     @triton.jit
-    def _quant_fp8_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, fp8_max, N: tl.constexpr, BLOCK: tl.constexpr):
+    def _quant_fp8_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, N: tl.constexpr, BLOCK: tl.constexpr,
+                          FP8_MAX: tl.constexpr):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
-        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / fp8_max
-        q = tl.minimum(tl.maximum(x / scale, -fp8_max), fp8_max)
-        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
-        tl.store(scale_ptr + row, scale)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+        _store_row(q_ptr + row * stride_q + cols, scale_ptr + row, x, ok, FP8_MAX)
 
     @triton.jit
     def _rotary_kernel(
@@ -104,7 +120,7 @@ def quantize_fp8_per_token(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tenso
     scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(n)
     _quant_fp8_kernel[(x.shape[0],)](
-        x, q, scale, x.stride(0), q.stride(0), fp8_max, N=n, BLOCK=block, num_warps=16 if block >= 8192 else 8
+        x, q, scale, x.stride(0), q.stride(0), N=n, BLOCK=block, FP8_MAX=fp8_max, num_warps=16 if block >= 8192 else 8
     )
     return q, scale
 
@@ -113,17 +129,34 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x, residual [tokens, hidden] → (weight · rmsnorm(x + residual), x + residual or None)."""
+    out, _, added = _rms_norm(x, weight, eps, residual, torch.empty_like(x), 0.0)
+    return out, added
+
+
+def rms_norm_fp8(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, fp8_max: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`rms_norm` quantized per token on the way out: (fp8 values, scale [tokens, 1] float32,
+    x + residual or None), what `quantize_fp8_per_token` makes of `rms_norm`'s output."""
+    return _rms_norm(
+        x, weight, eps, residual, torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device), fp8_max
+    )
+
+
+def _rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, out: torch.Tensor, fp8_max: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     n = x.shape[-1]
-    out = torch.empty_like(x)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device) if fp8_max else out
     res_out = torch.empty_like(x) if residual is not None else None
     res = residual if residual is not None else x
     _rms_norm_kernel[(x.shape[0],)](
-        x, res, weight, out, res_out if res_out is not None else out, eps,
+        x, res, weight, out, res_out if res_out is not None else out, scale, eps,
         x.stride(0), res.stride(0), out.stride(0), (res_out if res_out is not None else out).stride(0),
-        N=n, BLOCK=triton.next_power_of_2(n), HAS_RESIDUAL=residual is not None,
+        N=n, BLOCK=triton.next_power_of_2(n), HAS_RESIDUAL=residual is not None, FP8_MAX=fp8_max,
         num_warps=_warps(n),
     )  # fmt: skip
-    return out, res_out
+    return out, scale, res_out
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -131,8 +164,24 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1] // 2
     out = x.new_empty(x.shape[0], n)
     block = 1024
-    _silu_and_mul_kernel[(x.shape[0], triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), N=n, BLOCK=block)
+    _silu_and_mul_kernel[(x.shape[0], triton.cdiv(n, block))](
+        x, out, out, x.stride(0), out.stride(0), N=n, BLOCK=block, FP8_MAX=0.0
+    )
     return out
+
+
+def silu_and_mul_fp8(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`silu_and_mul` quantized per token on the way out: (fp8 values, scale [tokens, 1] float32).
+    One program holds a whole row (its amax)."""
+    n = x.shape[-1] // 2
+    out = torch.empty(x.shape[0], n, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(n)
+    _silu_and_mul_kernel[(x.shape[0], 1)](
+        x, out, scale, x.stride(0), out.stride(0), N=n, BLOCK=block, FP8_MAX=fp8_max,
+        num_warps=16 if block >= 8192 else 8,
+    )  # fmt: skip
+    return out, scale
 
 
 def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

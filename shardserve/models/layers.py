@@ -21,7 +21,7 @@ from torch import nn
 
 from shardserve.comm.base import Communicator, SingleRankCommunicator
 from shardserve.models import cpu_matmul, fused
-from shardserve.models.quantization import quantized_linear
+from shardserve.models.quantization import FP8_MAX, Fp8Input, quantized_linear
 
 ShardFn = Callable[[torch.Tensor, str | int | None], torch.Tensor]
 PlaceFn = Callable[[nn.Parameter, torch.Tensor, str | int | None], None]
@@ -50,10 +50,11 @@ def load_weight(param: nn.Parameter, loaded: torch.Tensor, shard: str | int | No
     param.place_fn(param, part, shard)  # type: ignore[attr-defined]
 
 
-def _linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _linear(layer: nn.Module, x: torch.Tensor | Fp8Input, bias: torch.Tensor | None) -> torch.Tensor:
     """x Wᵀ (+ b), through the quantized matmul when the layer was quantized."""
     scale = getattr(layer, "weight_scale", None)
     if scale is None:
+        assert not isinstance(x, Fp8Input), "an fp8 activation for a layer that was not quantized"
         return cpu_matmul.linear(x, layer.weight, bias)
     y = quantized_linear(x, layer.weight, scale)
     return y if bias is None else y + bias
@@ -97,7 +98,7 @@ class ColumnParallelLinear(nn.Module):
         offset = sum(self.local_sizes[:part])
         param.data[offset : offset + self.local_sizes[part]].copy_(rows)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor:
         return _linear(self, x, self.bias)
 
 
@@ -127,7 +128,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
         super().__init__(hidden, [q * world, kv * world, kv * world], bias, comm)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor | Fp8Input) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [tokens, hidden] → q [tokens, heads, head_dim], k and v [tokens, kv_heads, head_dim]."""
         q, k, v = self(x).split(self.local_sizes, dim=-1)
         d = self.head_dim
@@ -154,7 +155,7 @@ class RowParallelLinear(nn.Module):
         start = self.comm.rank * self.in_local
         return loaded[:, start : start + self.in_local]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor:
         y = _linear(self, x, None)
         if self.comm.world_size > 1:
             y = self.comm.all_reduce(y)
@@ -205,7 +206,9 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32; `forward(x, residual)` also adds the residual first."""
+    """RMSNorm computed in float32; `forward(x, residual)` also adds the residual first. With
+    `fp8` (`quantization.takes_fp8` of the layer it feeds) the fused kernel quantizes its output:
+    an `Fp8Input` in place of the normed tensor."""
 
     def __init__(self, hidden: int, eps: float):
         super().__init__()
@@ -213,10 +216,15 @@ class RMSNorm(nn.Module):
         self.weight = _param(hidden)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8: bool = False
+    ) -> torch.Tensor | Fp8Input | tuple[torch.Tensor | Fp8Input, torch.Tensor]:
         if fused.enabled(x) and x.dim() == 2 and x.stride(-1) == 1:
-            out, added = fused.rms_norm(x, self.weight, self.eps, residual)
+            out: torch.Tensor | Fp8Input
+            if fp8:
+                q, scale, added = fused.rms_norm_fp8(x, self.weight, self.eps, residual, FP8_MAX)
+                out = Fp8Input(q, scale, x.dtype)
+            else:
+                out, added = fused.rms_norm(x, self.weight, self.eps, residual)
             return out if added is None else (out, added)
         if residual is not None:
             x = x + residual

@@ -23,6 +23,7 @@ from shardserve.models.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from shardserve.models.quantization import FP8_MAX, Fp8Input, takes_fp8
 from shardserve.models.rotary import RotaryEmbedding
 from shardserve.workers.attention import ForwardContext
 
@@ -52,7 +53,7 @@ class LlamaAttention(nn.Module):
         self.scale = arch.head_dim**-0.5
         self.window = arch.sliding_window(layer)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | Fp8Input, ctx: ForwardContext) -> torch.Tensor:
         # x: [tokens, hidden]
         q, k, v = self.qkv_proj.project(x)  # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim]
         q, k = self.rotary(positions, q, k)
@@ -68,9 +69,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, arch.hidden_size, arch.mlp_bias, comm)
         self.act = ACTIVATIONS[arch.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Input) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.act is nn.functional.silu and fused.enabled(gate_up):
+            if takes_fp8(self.down_proj, gate_up):
+                return self.down_proj(Fp8Input(*fused.silu_and_mul_fp8(gate_up, FP8_MAX), gate_up.dtype))
             return self.down_proj(fused.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
@@ -87,13 +90,14 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        fp8 = takes_fp8(self.self_attn.qkv_proj, x)  # the norms quantize for fp8 projections
         if residual is None:
             residual = x
-            x = self.input_layernorm(x)
+            x = self.input_layernorm(x, fp8=fp8)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, fp8=fp8)
         x = self.self_attn(positions, x, ctx)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, fp8=takes_fp8(self.mlp.gate_up_proj, x))
         return self.mlp(x), residual
 
 

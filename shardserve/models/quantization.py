@@ -5,10 +5,14 @@ into quantized ones before its rank file is loaded: the weight parameter takes t
 and a `weight_scale` [local out features] parameter appears beside it, sharded with its weight
 (split with the rows of a column-parallel layer, whole on every rank of a row-parallel one).
 `quantized_linear` is the matmul: `torch._scaled_mm` with per-token activation scales for fp8 on
-GPUs that have fp8 tensor cores, dequantize-then-matmul everywhere else.
+GPUs that have fp8 tensor cores, dequantize-then-matmul everywhere else. Where a fused kernel
+makes the activation (RMSNorm, SiLU·mul) and `takes_fp8` says its layer multiplies in fp8, the
+kernel quantizes it on the way out and hands the layer an `Fp8Input`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,6 +22,15 @@ from shardserve.models import fused
 QUANT_DTYPES: dict[str, torch.dtype] = {"fp8": torch.float8_e4m3fn, "int8_weight_only": torch.int8}
 QUANTIZATIONS = ("none", *QUANT_DTYPES)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+class Fp8Input(NamedTuple):
+    """An activation already quantized per token by the kernel that made it: values [tokens, in]
+    float8_e4m3fn, scale [tokens, 1] float32 (amax / FP8_MAX), and the dtype of the matmul's output."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
 
 
 def quantize_weight(weight: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,20 +82,33 @@ def quantize_loaded(model: nn.Module, method: str) -> None:
             module.quantization = method
 
 
-def quantized_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # x: [tokens, in]; weight: [out, in] fp8/int8; scale: [out] float32 -> [tokens, out]
+def takes_fp8(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `layer` multiplies x through `torch._scaled_mm` with x quantized by a fused kernel,
+    so the kernel that makes x may hand it over as an `Fp8Input`."""
+    weight = layer.weight
+    return weight.dtype == torch.float8_e4m3fn and fused.enabled(x) and _has_fp8_mm(x, weight)
+
+
+def quantized_linear(x: torch.Tensor | Fp8Input, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # x: [tokens, in] (or its fp8 values and scales); weight: [out, in] fp8/int8; scale: [out] float32 -> [tokens, out]
+    if isinstance(x, Fp8Input):
+        return _scaled_mm(x, weight, scale)
     if weight.dtype == torch.float8_e4m3fn and _has_fp8_mm(x, weight):
         if fused.enabled(x) and x.stride(-1) == 1:
             xq, x_scale = fused.quantize_fp8_per_token(x, FP8_MAX)
         else:
             x_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
             xq = (x / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        # fast accumulation (partial sums not promoted to float32 along K, like vLLM's CUTLASS fp8
-        # kernels): 8-20 % faster on an H100 (benchmarks/README.md), within the fp8 tests' tolerance
-        return torch._scaled_mm(
-            xq, weight.t(), scale_a=x_scale, scale_b=scale[None, :], out_dtype=x.dtype, use_fast_accum=True
-        )
+        return _scaled_mm(Fp8Input(xq, x_scale, x.dtype), weight, scale)
     return nn.functional.linear(x, weight.to(x.dtype) * scale[:, None].to(x.dtype))
+
+
+def _scaled_mm(x: Fp8Input, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # fast accumulation (partial sums not promoted to float32 along K, like vLLM's CUTLASS fp8
+    # kernels): 8-20 % faster on an H100 (benchmarks/README.md), within the fp8 tests' tolerance
+    return torch._scaled_mm(
+        x.data, weight.t(), scale_a=x.scale, scale_b=scale[None, :], out_dtype=x.dtype, use_fast_accum=True
+    )
 
 
 def _has_fp8_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:

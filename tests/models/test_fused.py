@@ -56,6 +56,32 @@ def test_silu_and_mul_matches_torch(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_outputs_equal_the_kernel_then_a_quantize_pass(dtype: torch.dtype) -> None:
+    """`rms_norm_fp8` and `silu_and_mul_fp8` hand the fp8 matmul exactly what the quantize pass
+    makes of `rms_norm`'s and `silu_and_mul`'s outputs: the same fp8 values and scales."""
+    from shardserve.models.quantization import FP8_MAX
+
+    torch.manual_seed(4)
+    x, residual = (torch.randn(6, 300, device=DEVICE, dtype=dtype) * 3 for _ in range(2))
+    weight = torch.rand(300, device=DEVICE, dtype=dtype) + 0.5
+    gate_up = torch.randn(6, 2 * 1100, device=DEVICE, dtype=dtype) * 4
+    gate_up[2] = 0  # an all-zero row keeps a finite scale
+    for res in (None, residual):
+        out, added = fused.rms_norm(x, weight, 1e-5, res)
+        q, scale, added8 = fused.rms_norm_fp8(x, weight, 1e-5, res, FP8_MAX)
+        _assert_same_fp8((q, scale), fused.quantize_fp8_per_token(out, FP8_MAX))
+        assert (added8 is None and added is None) or torch.equal(added8, added)
+    _assert_same_fp8(
+        fused.silu_and_mul_fp8(gate_up, FP8_MAX), fused.quantize_fp8_per_token(fused.silu_and_mul(gate_up), FP8_MAX)
+    )
+
+
+def _assert_same_fp8(got: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor]) -> None:
+    assert got[0].dtype == torch.float8_e4m3fn and got[1].shape == (got[0].shape[0], 1)
+    assert torch.equal(got[0].float(), ref[0].float()) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 16), (6, 1, 24)])
 def test_rotary_in_place_matches_the_layer(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
     torch.manual_seed(2)

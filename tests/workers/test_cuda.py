@@ -45,6 +45,34 @@ def test_fp8_engine_uses_scaled_mm_and_stays_close(tmp_path: Path) -> None:
     assert same / (32 * len(prompts)) >= 0.9
 
 
+def test_fp8_norms_and_silu_quantize_for_the_matmuls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fp8 Llama's RMSNorms and SiLU·mul hand their projections fp8 activations (no separate
+    quantize pass), and its tokens and log-probabilities equal those of the separate passes."""
+    from shardserve.models import fused, llama
+    from tests.builder.test_build import CHAIN_PROMPTS, chain, train_cycle_model
+
+    build_engine(
+        train_cycle_model(tmp_path / "m"),
+        tmp_path / "fp8",
+        BuildOptions(dtype="bfloat16", quantization="fp8", progress=False),
+    )
+    prompts = [chain(start, n) for start, n in CHAIN_PROMPTS]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=2)
+    made = []
+    for name in ("rms_norm_fp8", "silu_and_mul_fp8"):
+        kernel = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, kernel=kernel, name=name: made.append(name) or kernel(*a))
+    got = LLM(tmp_path / "fp8", device="cuda").generate(prompts, params)
+    assert set(made) == {"rms_norm_fp8", "silu_and_mul_fp8"}
+    monkeypatch.setattr(llama, "takes_fp8", lambda layer, x: False)
+    made.clear()
+    ref = LLM(tmp_path / "fp8", device="cuda").generate(prompts, params)
+    assert not made
+    for g, r in zip(got, ref, strict=True):
+        assert g.token_ids == r.token_ids and g.logprobs is not None and r.logprobs is not None
+        assert [(a.token_id, a.logprob) for a in g.logprobs] == [(b.token_id, b.logprob) for b in r.logprobs]
+
+
 def test_scaled_mm_matches_dequantized_matmul() -> None:
     from shardserve.models.quantization import quantize_weight, quantized_linear
 
