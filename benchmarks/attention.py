@@ -8,7 +8,7 @@ Cases: a prefill step of 4 sequences × 2048 new tokens (causal, empty cache: wh
 prompt costs), decode steps of 256 sequences × 256 cached tokens and 64 × 2048. Prints ms per call
 and TFLOP/s (causal prefill counts half the score matrix). `--sweep` times every tile launch
 (rows per prefill tile, key elements per block, warps, stages) for the prefill case and the
-decode cases, to choose `ROWS_PREFILL`, `PREFILL_LAUNCH`, `DECODE_LAUNCH` and `FP8_DECODE_LAUNCH`.
+decode cases, to choose `ROWS_PREFILL`, `PREFILL_LAUNCH` and `DECODE_LAUNCH`.
 `--kv-cache-dtype fp8` gives the paged kernel an fp8 (e4m3) cache (SDPA keeps bf16);
 `--case NAME=SEQS,Q_LEN,CONTEXT` replaces the default cases.
 """
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def sweep(name: str, case: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     prefill = case["q_len"] > 1
-    saved = ta.ROWS_PREFILL, ta.PREFILL_LAUNCH, ta.DECODE_LAUNCH, ta.FP8_DECODE_LAUNCH
+    saved = ta.ROWS_PREFILL, ta.PREFILL_LAUNCH, ta.DECODE_LAUNCH
     rows_options = (64, 128) if prefill else (ta.ROWS_DECODE,)
     out = []
     try:
@@ -130,7 +130,7 @@ def sweep(name: str, case: dict[str, Any], args: argparse.Namespace) -> list[dic
             if prefill:
                 ta.PREFILL_LAUNCH = launch
             else:
-                ta.DECODE_LAUNCH = ta.FP8_DECODE_LAUNCH = launch
+                ta.DECODE_LAUNCH = launch
             try:
                 ms = timed(run_triton(case, args))
             except Exception as exc:  # noqa: BLE001 - a launch that does not fit (shared memory) is skipped
@@ -138,7 +138,7 @@ def sweep(name: str, case: dict[str, Any], args: argparse.Namespace) -> list[dic
                 continue
             out.append(row(name, f"rows {rows}, elements {elements}, warps {warps}, stages {stages}", ms, case, args))
     finally:
-        ta.ROWS_PREFILL, ta.PREFILL_LAUNCH, ta.DECODE_LAUNCH, ta.FP8_DECODE_LAUNCH = saved
+        ta.ROWS_PREFILL, ta.PREFILL_LAUNCH, ta.DECODE_LAUNCH = saved
     return out
 
 

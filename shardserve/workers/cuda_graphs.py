@@ -71,6 +71,7 @@ class DecodeGraphs:
             tile_seqs=self.tile_seqs[:n],
             tile_starts=self.tile_starts[:n],
             block_q=self.block_q,
+            decode_only=True,
         )
 
     def _forward(self, n: int) -> torch.Tensor:

@@ -7,6 +7,11 @@ fills 4 rows. Keys and values are read in place through the block table (no gath
 `BLOCK_N` positions at a time, with an online softmax in float32. A query at absolute position
 p sees keys 0..p (and p − window < key when windowed; ALiBi adds slope · (key − p)).
 
+A decode-only step (one query token per sequence, `TritonMetadata.decode_only`) takes a lighter
+path: tile i is sequence i (no lookups before its context length), and one loop of blocks masked
+for the one query position (blocks of 64 keys, 2 stages: on an H100, 1024 decodes of 192 keys
+over an fp8 cache 0.206 ms against 0.296 ms for the prefill path's two loops and lookups).
+
 `write_kv` stores the step's keys and values at their cache slots; slot −1 is skipped (padded
 rows of a captured CUDA graph). An fp8 (e4m3) cache (`cache.kv_cache_dtype: fp8`) stores them
 saturated to ±448 without a scale; the attention kernel reads them back as float16 (one conversion
@@ -49,8 +54,7 @@ ROWS_DECODE = 16  # ... when every sequence has one query token (tl.dot needs 16
 # (key elements a tile reads at once: BLOCK_N = that / head_dim, num_warps, num_stages), the fastest
 # of benchmarks/attention.py --sweep on an H200 (Llama-8B heads: prefill 4×2048, decode 256×256, 64×2048)
 PREFILL_LAUNCH = (8192, 4, 2)
-DECODE_LAUNCH = (8192, 4, 2)
-FP8_DECODE_LAUNCH = (16384, 4, 3)  # an fp8 cache (its own sweep, H100): 128 keys a block, 3 stages
+DECODE_LAUNCH = (8192, 4, 2)  # both caches (H100 sweep, benchmarks/README.md session 8): 64 keys a block
 FRESH_MIN_LEN = 256  # whole prompts at least this long go to SDPA (shorter ones: the kernel is as fast)
 
 
@@ -76,17 +80,19 @@ def _write_kv_kernel(
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
+NO_MASK, PER_ROW, ONE_POSITION = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # `_attend_block`'s MASK
 
 
 @triton.jit
 def _attend_block(
     q, acc, m_i, l_i, start, hi, q_pos, window, slope, table, k_base, v_base, dims, dim_ok,
     stride_cache_block, stride_cache_slot, qk_scale,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, MASK: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One step of the online softmax over keys [start, start + BLOCK_N) read through the block table;
-    `MASKED`: apply the causal limit, the end of the context (and the window) per row."""
+    """One step of the online softmax over keys [start, start + BLOCK_N) read through the block table.
+    `MASK`: NO_MASK; PER_ROW: the causal limit, the end of the context (and the window) per row;
+    ONE_POSITION: every row's query is at hi − 1 (a decode tile), so the mask is one row's."""
     keys = start + tl.arange(0, BLOCK_N)
     key_ok = keys < hi
     block = tl.load(table + keys // PAGE, mask=key_ok, other=0).to(tl.int64)
@@ -97,11 +103,15 @@ def _attend_block(
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [rows, N], log2 units
     if USE_ALIBI:
         s += slope[:, None] * (keys[None, :] - q_pos[:, None]).to(tl.float32)
-    if MASKED:
+    if MASK == PER_ROW:
         allowed = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             allowed = allowed & (keys[None, :] > q_pos[:, None] - window)
         s = tl.where(allowed, s, float("-inf"))
+    elif MASK == ONE_POSITION:
+        if USE_WINDOW:
+            key_ok = key_ok & (keys > hi - 1 - window)
+        s = tl.where(key_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
     p = tl.exp2(s - m_safe[:, None])
@@ -132,13 +142,20 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, PRECISION: tl.constexpr, FP16_DOTS: tl.constexpr,
+    DECODE: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq = tl.load(tile_seqs_ptr + tile)
-    tile_start = tl.load(tile_starts_ptr + tile)
-    q_first = tl.load(query_starts_ptr + seq)
-    q_len = tl.load(query_starts_ptr + seq + 1) - q_first
+    if DECODE:  # tile i is sequence i, whose one query token is token i: no lookups before the context
+        seq = tile
+        tile_start = 0
+        q_first = tile
+        q_len = 1
+    else:
+        seq = tl.load(tile_seqs_ptr + tile)
+        tile_start = tl.load(tile_starts_ptr + tile)
+        q_first = tl.load(query_starts_ptr + seq)
+        q_len = tl.load(query_starts_ptr + seq + 1) - q_first
     context = tl.load(context_lens_ptr + seq)
 
     rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
@@ -178,14 +195,20 @@ def _paged_attention_kernel(
     k_base = cache_ptr + kv_head * stride_cache_head
     v_base = k_base + stride_cache_kv
     table = tables_ptr + seq * stride_table
-    for start in range(lo, mid, BLOCK_N):  # below the diagonal: no mask to build
-        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, hi, q_pos, window, slope, table, k_base, v_base, dims,
-                                      dim_ok, stride_cache_block, stride_cache_slot, qk_scale, BLOCK_N, PAGE,
-                                      False, False, USE_ALIBI, PRECISION)  # fmt: skip
-    for start in range(mid, hi, BLOCK_N):  # the diagonal (and a window's edges)
-        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, hi, q_pos, window, slope, table, k_base, v_base, dims,
-                                      dim_ok, stride_cache_block, stride_cache_slot, qk_scale, BLOCK_N, PAGE,
-                                      True, USE_WINDOW, USE_ALIBI, PRECISION)  # fmt: skip
+    if DECODE:  # one loop, every block masked (cheap for one position): its loads pipeline as one
+        for start in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, hi, q_pos, window, slope, table, k_base, v_base,
+                                          dims, dim_ok, stride_cache_block, stride_cache_slot, qk_scale, BLOCK_N, PAGE,
+                                          ONE_POSITION, USE_WINDOW, USE_ALIBI, PRECISION)  # fmt: skip
+    else:
+        for start in range(lo, mid, BLOCK_N):  # below the diagonal: no mask to build
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, hi, q_pos, window, slope, table, k_base, v_base,
+                                          dims, dim_ok, stride_cache_block, stride_cache_slot, qk_scale, BLOCK_N, PAGE,
+                                          NO_MASK, False, USE_ALIBI, PRECISION)  # fmt: skip
+        for start in range(mid, hi, BLOCK_N):  # the diagonal (and a window's edges)
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, hi, q_pos, window, slope, table, k_base, v_base,
+                                          dims, dim_ok, stride_cache_block, stride_cache_slot, qk_scale, BLOCK_N, PAGE,
+                                          PER_ROW, USE_WINDOW, USE_ALIBI, PRECISION)  # fmt: skip
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
         out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
@@ -206,6 +229,7 @@ class TritonMetadata(AttentionMetadata):
     block_q: int = 1  # query tokens per tile
     kernel_tiles: int = -1  # the tiles of sequences not in `fresh_runs` (they come first); −1: all
     fresh_runs: tuple[tuple[int, int, int], ...] = ()  # (first token, prompts, length) of whole prompts
+    decode_only: bool = False  # one query token per sequence: tile i is sequence i, its token i
 
 
 def tile_rows(group: int, decode_only: bool) -> tuple[int, int]:
@@ -251,6 +275,7 @@ class TritonAttentionBackend:
             block_q=block_q,
             kernel_tiles=kernel_tiles,
             fresh_runs=tuple((seqs[first].query_start, n, seqs[first].query_len) for first, n, _ in runs),
+            decode_only=decode_only,
         )
 
     def forward(
@@ -307,10 +332,8 @@ def paged_attention(
     head_dim, kv_heads, page = kv_cache.shape[-1], kv_cache.shape[-2], kv_cache.shape[2]
     group_pad = triton.next_power_of_2(group)
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    if meta.block_q * group_pad > ROWS_DECODE:
-        elements, warps, stages = PREFILL_LAUNCH
-    else:
-        elements, warps, stages = FP8_DECODE_LAUNCH if fp8 else DECODE_LAUNCH
+    decode = meta.decode_only and meta.block_q * group_pad <= ROWS_DECODE
+    elements, warps, stages = DECODE_LAUNCH if decode else PREFILL_LAUNCH
     block_n = max(16, min(128, elements // max(head_dim, 16)))
     alibi = alibi_slopes.to(device=q.device, dtype=torch.float32) if alibi_slopes is not None else q
     grid = (meta.tile_seqs.shape[0] if tiles < 0 else tiles, kv_heads)
@@ -324,7 +347,7 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
         USE_WINDOW=sliding_window is not None, USE_ALIBI=alibi_slopes is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP16_DOTS=fp8 and q.dtype == torch.bfloat16,
-        num_warps=warps, num_stages=stages,
+        DECODE=decode, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 

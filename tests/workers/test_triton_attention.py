@@ -98,9 +98,19 @@ def test_mixed_steps_match_reference(heads: int, kv_heads: int, head_dim: int, b
     check(*run_both(MIXED, heads, kv_heads, head_dim, block_size, torch.float32))
 
 
-def test_pure_decode_step_matches_reference() -> None:
+@pytest.mark.parametrize(("window", "alibi"), [(None, False), (13, False), (None, True)])
+def test_pure_decode_step_matches_reference(window: int | None, alibi: bool) -> None:
+    """A decode-only step takes the kernel's decode path: tile i is sequence i, one loop of blocks
+    masked for the one query position."""
     kinds = [(n, 1) for n in (0, 1, 15, 16, 17, 50, 99)]
-    check(*run_both(kinds, 8, 2, 32, 16, torch.float32, seed=1))
+    seqs = make_step(kinds, 16, 20, random.Random(1))
+    assert TritonAttentionBackend(8, 2).build_metadata(seqs, 16, DEVICE).decode_only
+    assert (
+        not TritonAttentionBackend(8, 2)
+        .build_metadata(make_step(MIXED, 16, 99, random.Random(1)), 16, DEVICE)
+        .decode_only
+    )
+    check(*run_both(kinds, 8, 2, 32, 16, torch.float32, window=window, alibi=alibi, seed=1))
 
 
 @pytest.mark.parametrize("window", [1, 4, 13])
@@ -120,8 +130,12 @@ def test_half_precision_long_contexts(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.cuda
-def test_fp8_kv_cache_matches_reference_on_rounded_values() -> None:
-    kinds = [(500, 1), (0, 300), (120, 77), (33, 1)]
+@pytest.mark.parametrize(
+    "kinds",
+    [[(500, 1), (0, 300), (120, 77), (33, 1)], [(n, 1) for n in (0, 5, 200, 255, 256, 1500)]],
+    ids=["mixed", "decode"],
+)
+def test_fp8_kv_cache_matches_reference_on_rounded_values(kinds: list[tuple[int, int]]) -> None:
     check(*run_both(kinds, 32, 8, 128, 32, torch.bfloat16, seed=5, kv_dtype=torch.float8_e4m3fn))
 
 
