@@ -55,6 +55,10 @@ ROWS_DECODE = 16  # ... when every sequence has one query token (tl.dot needs 16
 # of benchmarks/attention.py --sweep on an H200 (Llama-8B heads: prefill 4×2048, decode 256×256, 64×2048)
 PREFILL_LAUNCH = (8192, 4, 2)
 DECODE_LAUNCH = (8192, 4, 2)  # both caches (H100 sweep, benchmarks/README.md session 8): 64 keys a block
+# an fp8 cache's decode tiles at most this many registers a thread (148 uncapped: 3 programs an SM
+# instead of 4; H100: 1024 decodes of 129-256 keys 0.204 against 0.230 ms, 512 of 1000-2000 keys
+# 0.646 against 0.708 ms; a bf16 cache loses ~1 % with the cap)
+FP8_DECODE_MAX_REGISTERS = 128
 FRESH_MIN_LEN = 256  # whole prompts at least this long go to SDPA (shorter ones: the kernel is as fast)
 
 
@@ -347,7 +351,7 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
         USE_WINDOW=sliding_window is not None, USE_ALIBI=alibi_slopes is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP16_DOTS=fp8 and q.dtype == torch.bfloat16,
-        DECODE=decode, num_warps=warps, num_stages=stages,
+        DECODE=decode, num_warps=warps, num_stages=stages, maxnreg=FP8_DECODE_MAX_REGISTERS if decode and fp8 else None,
     )  # fmt: skip
 
 
