@@ -9,8 +9,9 @@ p sees keys 0..p (and p − window < key when windowed; ALiBi adds slope · (key
 
 A decode-only step (one query token per sequence, `TritonMetadata.decode_only`) takes a lighter
 path: tile i is sequence i (no lookups before its context length), and one loop of blocks masked
-for the one query position (blocks of 64 keys, 2 stages: on an H100, 1024 decodes of 192 keys
-over an fp8 cache 0.206 ms against 0.296 ms for the prefill path's two loops and lookups).
+for the one query position (blocks of 64 keys, 2 stages; over an fp8 cache at most 128 registers
+a thread). On an H100, 1024 decodes of 192 keys over an fp8 cache: 0.198 ms against 0.292 ms
+through the prefill path's lookups and two loops (benchmarks/README.md, session 8).
 
 `write_kv` stores the step's keys and values at their cache slots; slot −1 is skipped (padded
 rows of a captured CUDA graph). An fp8 (e4m3) cache (`cache.kv_cache_dtype: fp8`) stores them
