@@ -280,7 +280,7 @@ class TritonAttentionBackend:
             block_q=block_q,
             kernel_tiles=kernel_tiles,
             fresh_runs=tuple((seqs[first].query_start, n, seqs[first].query_len) for first, n, _ in runs),
-            decode_only=decode_only,
+            decode_only=decode_only and not runs,  # (no fresh runs: their tiles would come last)
         )
 
     def forward(
@@ -352,7 +352,8 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
         USE_WINDOW=sliding_window is not None, USE_ALIBI=alibi_slopes is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP16_DOTS=fp8 and q.dtype == torch.bfloat16,
-        DECODE=decode, num_warps=warps, num_stages=stages, maxnreg=FP8_DECODE_MAX_REGISTERS if decode and fp8 else None,
+        DECODE=decode, num_warps=warps, num_stages=stages,
+        **({"maxnreg": FP8_DECODE_MAX_REGISTERS} if decode and fp8 else {}),  # an option of CUDA's backend only
     )  # fmt: skip
 
 

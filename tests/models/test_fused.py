@@ -55,7 +55,7 @@ def test_silu_and_mul_matches_torch(dtype: torch.dtype) -> None:
     close(fused.silu_and_mul(x), torch.nn.functional.silu(gate) * up)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 rounds before quantizing
 def test_fp8_outputs_equal_the_kernel_then_a_quantize_pass(dtype: torch.dtype) -> None:
     """`rms_norm_fp8` and `silu_and_mul_fp8` hand the fp8 matmul exactly what the quantize pass
     makes of `rms_norm`'s and `silu_and_mul`'s outputs: the same fp8 values and scales."""

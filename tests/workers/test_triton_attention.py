@@ -98,19 +98,36 @@ def test_mixed_steps_match_reference(heads: int, kv_heads: int, head_dim: int, b
     check(*run_both(MIXED, heads, kv_heads, head_dim, block_size, torch.float32))
 
 
-@pytest.mark.parametrize(("window", "alibi"), [(None, False), (13, False), (None, True)])
-def test_pure_decode_step_matches_reference(window: int | None, alibi: bool) -> None:
-    """A decode-only step takes the kernel's decode path: tile i is sequence i, one loop of blocks
-    masked for the one query position."""
-    kinds = [(n, 1) for n in (0, 1, 15, 16, 17, 50, 99)]
-    seqs = make_step(kinds, 16, 20, random.Random(1))
-    assert TritonAttentionBackend(8, 2).build_metadata(seqs, 16, DEVICE).decode_only
-    assert (
-        not TritonAttentionBackend(8, 2)
-        .build_metadata(make_step(MIXED, 16, 99, random.Random(1)), 16, DEVICE)
-        .decode_only
-    )
-    check(*run_both(kinds, 8, 2, 32, 16, torch.float32, window=window, alibi=alibi, seed=1))
+@pytest.mark.parametrize(("window", "alibi"), [(None, False), (1, False), (13, False), (16, False), (40, True)])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (6, 1)])
+def test_pure_decode_step_matches_reference(
+    monkeypatch: pytest.MonkeyPatch, window: int | None, alibi: bool, heads: int, kv_heads: int
+) -> None:
+    """A decode-only step takes the kernel's decode path (tile i is sequence i, one loop of blocks
+    masked for the one query position), here over several blocks of 16 keys."""
+    monkeypatch.setattr(ta, "DECODE_LAUNCH", (16 * 32, 4, 2))  # 16 keys a block at head_dim 32
+    launched = []
+    kernel = ta._paged_attention_kernel
+
+    class Spy:
+        def __getitem__(self, grid: tuple[int, ...]):  # noqa: ANN204
+            return lambda *args, **kwargs: launched.append(kwargs["DECODE"]) or kernel[grid](*args, **kwargs)
+
+    monkeypatch.setattr(ta, "_paged_attention_kernel", Spy())
+    kinds = [(n, 1) for n in (0, 1, 15, 16, 17, 31, 32, 33, 50, 99, 130)]
+    check(*run_both(kinds, heads, kv_heads, 32, 8, torch.float32, window=window, alibi=alibi, seed=1))
+    assert launched and all(launched)
+    run_both(MIXED, heads, kv_heads, 32, 8, torch.float32, window=window, alibi=alibi, seed=1)
+    assert not launched[-1]  # a step with prefill chunks takes the other path
+
+
+def test_a_decode_step_with_fresh_runs_takes_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One-token whole prompts as fresh runs (their tiles go last): not the decode path's tile i = sequence i."""
+    monkeypatch.setattr(ta, "FRESH_MIN_LEN", 1)
+    kinds = [(0, 1), (0, 1), (5, 1), (0, 1), (9, 1)]
+    meta = TritonAttentionBackend(4, 2).build_metadata(make_step(kinds, 8, 20, random.Random(2)), 8, DEVICE)
+    assert meta.fresh_runs and not meta.decode_only
+    check(*run_both(kinds, 4, 2, 16, 8, torch.float32, seed=2))
 
 
 @pytest.mark.parametrize("window", [1, 4, 13])
