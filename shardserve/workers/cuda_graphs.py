@@ -1,11 +1,13 @@
 """Decode steps replayed from CUDA graphs.
 
 At start-up the runner captures one graph per batch size of a ladder (1, 2, 4, 8, every 16 up
-to 256, every 64 beyond, up to the largest): the model's forward over one token per sequence plus the logits of every
-row, reading its inputs from static buffers. A decode step of n sequences copies its ids,
-positions, cache slots and block tables into the first n rows of those buffers and replays the
-smallest graph that holds n; the padded rows write no KV (slot −1) and read one cached position,
-so they stay finite and are dropped. Only the Triton backend's metadata is tensors alone, so only
+to 256, every 64 beyond, up to the largest): the model's forward over one token per sequence,
+reading its inputs from static buffers and writing its final hidden states into one buffer all the
+graphs share. A decode step of n sequences copies its ids, positions, cache slots and block
+tables into the first n rows of those buffers, replays the smallest graph that holds n, and
+computes the logits of its n rows outside the graph (a [batch, vocab] output held by each graph
+took 9 GiB for a ladder up to 2048 in Llama-3-8B). The padded rows write no KV (slot −1) and read
+one cached position, so they stay finite and are dropped. Only the Triton backend's metadata is tensors alone, so only
 it can be captured. Tensor-parallel ranks (pp = 1) capture too: their all-reduces and gathers are
 NCCL kernels queued on the capturing stream, every rank captures the same ladder in the same order
 at start-up (the warm-up forward is a collective), and each step every rank replays the graph of the
@@ -56,8 +58,9 @@ class DecodeGraphs:
             self.tile_seqs = torch.arange(n, dtype=torch.int32)
             self.tile_starts = torch.zeros(n, dtype=torch.int32)
         self.block_q, _ = tile_rows(backend.group, decode_only=True)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
+        self.hidden = torch.empty(0)  # [max_batch, hidden] the final hidden states of every graph
         self._capture_all()
 
     def _meta(self, n: int) -> TritonMetadata:
@@ -76,20 +79,22 @@ class DecodeGraphs:
 
     def _forward(self, n: int) -> torch.Tensor:
         ctx = ForwardContext(self._meta(n), self.kv_caches, self.backend)
-        hidden = self.model(self.ids[:n], self.positions[:n], ctx)
-        return self.model.compute_logits(hidden)  # [n, vocab]
+        return self.model(self.ids[:n], self.positions[:n], ctx)  # [n, hidden]
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        self._forward(self.max_batch)  # warm up: compile the kernels, let cuBLAS pick its algorithms
+        hidden = self._forward(self.max_batch)  # warm up: compile the kernels, let cuBLAS pick its algorithms
+        self.model.compute_logits(hidden)
+        self.hidden = torch.empty_like(hidden)
+        del hidden
         torch.cuda.synchronize()
         for n in reversed(self.sizes):  # the largest first, so the smaller ones reuse its memory pool
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._forward(n)
+                self.hidden[:n].copy_(self._forward(n))
             if self.pool is None:
                 self.pool = graph.pool()
-            self.graphs[n] = (graph, logits)
+            self.graphs[n] = graph
         torch.cuda.synchronize()
 
     def fits(self, num_seqs: int) -> bool:
@@ -107,6 +112,5 @@ class DecodeGraphs:
         self.tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         self.context_lens[:n].copy_(meta.context_lens)
         self.context_lens[n:size].fill_(1)
-        graph, logits = self.graphs[size]
-        graph.replay()
-        return logits[:n]
+        self.graphs[size].replay()
+        return self.model.compute_logits(self.hidden[:n])
