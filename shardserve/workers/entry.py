@@ -118,7 +118,8 @@ def run_rank(config: DeploymentConfig, world: Any) -> None:
         return
     checkpoint = open_model(config)
     arch = parse_arch(checkpoint.config)
-    worker = Worker(checkpoint, arch, config.model, config.cache, max_model_len(checkpoint, arch, config), world)
+    max_len = max_model_len(checkpoint, arch, config)
+    worker = Worker(checkpoint, arch, config.model, config.cache, config.scheduler, max_len, world)
     freeze_startup_heap()
     follow(worker, world)
 

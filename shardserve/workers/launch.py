@@ -105,12 +105,12 @@ def start_executor(
     from shardserve.workers.group import GroupExecutor
 
     if world is not None:
-        worker = Worker(checkpoint, arch, config.model, config.cache, max_len, world)
+        worker = Worker(checkpoint, arch, config.model, config.cache, config.scheduler, max_len, world)
         return GroupExecutor(worker, world, config.parallel)
     engine = checkpoint.engine
     world_size = engine.world_size if engine is not None else 1
     if world_size == 1 and config.parallel.comm is CommBackend.AUTO:
-        worker = Worker(checkpoint, arch, config.model, config.cache, max_len)
+        worker = Worker(checkpoint, arch, config.model, config.cache, config.scheduler, max_len)
         overlap = config.scheduler.async_scheduling
         if overlap is None:
             overlap = worker.device.type == "cuda"
@@ -139,7 +139,7 @@ def _launch_local(
         spec = WorldSpec(backend, world_size, tp, 0, parallel.master_addr, port, parallel.timeout_s,
                          parallel.heartbeat_timeout_s)  # fmt: skip
         world = init_world(spec)
-        worker = Worker(checkpoint, arch, config.model, config.cache, max_len, world)
+        worker = Worker(checkpoint, arch, config.model, config.cache, config.scheduler, max_len, world)
     except BaseException:
         if world is not None:
             world.close()

@@ -19,13 +19,14 @@ from shardserve.builder.dummy import checkpoint_specs, random_tensors
 from shardserve.builder.errors import CheckpointError
 from shardserve.builder.plan import ShardPlan
 from shardserve.comm.base import Communicator, SingleRankCommunicator
-from shardserve.config import CacheConfig, ConfigError, ModelConfig
+from shardserve.config import CacheConfig, ConfigError, ModelConfig, SchedulerConfig
 from shardserve.engine.sampler import Sampler
 from shardserve.models.arch import ArchConfig
 from shardserve.models.base import CausalLM, Stage
 from shardserve.models.quantization import quantize_linears, quantize_loaded
 from shardserve.models.registry import model_class
 from shardserve.workers.attention import AttentionBackend, TorchAttentionBackend
+from shardserve.workers.memory import profile_plan, step_peak_bytes
 from shardserve.workers.model_runner import ModelRunner, StageLinks
 
 if TYPE_CHECKING:
@@ -142,18 +143,25 @@ def kv_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype, tp
     return 2 * (layers or arch.num_layers) * block_size * kv_heads * arch.head_dim * dtype.itemsize
 
 
-def num_kv_blocks(cache: CacheConfig, device: torch.device, per_block: int) -> int:
-    """Blocks this rank can hold: `cache.num_blocks`, else its memory budget over `per_block`."""
+def num_kv_blocks(cache: CacheConfig, device: torch.device, per_block: int, step_bytes: int = 0) -> int:
+    """Blocks this rank can hold: `cache.num_blocks`, else its memory budget over `per_block`; on
+    CUDA the budget is `kv_cache_free_gpu_mem_fraction` of the memory free less `step_bytes`, the
+    largest step's activations (`workers/memory.py`)."""
     if cache.num_blocks is not None:
         return cache.num_blocks
     if device.type == "cuda":
+        # Memory torch's allocator holds but no tensor uses (the float weights an fp8 model was
+        # quantized from) is free for the cache: 8.8 GiB for Llama-8B, 24 preemptions in fp8 1000/1000.
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * cache.kv_cache_free_gpu_mem_fraction)
+        budget = int(max(0, free - step_bytes) * cache.kv_cache_free_gpu_mem_fraction)
+        what = f"{cache.kv_cache_free_gpu_mem_fraction} of {free} bytes free less a step's {step_bytes}"
     else:
         budget = cache.kv_cache_bytes
+        what = "cache.kv_cache_bytes"
     blocks = budget // per_block
     if blocks < 1:
-        raise RuntimeError(f"the KV cache budget ({budget} bytes) holds no block of {per_block} bytes")
+        raise RuntimeError(f"the KV cache budget ({budget} bytes: {what}) holds no block of {per_block} bytes")
     return blocks
 
 
@@ -183,6 +191,7 @@ class Worker:
         arch: ArchConfig,
         model_config: ModelConfig,
         cache: CacheConfig,
+        scheduler: SchedulerConfig,
         max_len: int,
         world: World | None = None,
     ) -> None:
@@ -211,11 +220,23 @@ class Worker:
         )
         layers = layout.stage.end - layout.stage.start
         per_block = kv_bytes_per_block(arch, cache.block_size, kv_dtype, layout.tp_comm.world_size, layers)
-        self.num_blocks = agree_on_blocks(num_kv_blocks(cache, self.device, per_block), layout.world, self.device)
         heads = max(1, arch.num_kv_heads // layout.tp_comm.world_size)
-        shape = (2, self.num_blocks, cache.block_size, heads, arch.head_dim)
-        # Zeroed: padded block-table entries are read (and masked) by the reference backend.
-        kv_caches = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(layers)]
+
+        def kv_caches_of(blocks: int) -> list[torch.Tensor]:
+            # Zeroed: padded block-table entries are read (and masked) by the reference backend.
+            shape = (2, blocks, cache.block_size, heads, arch.head_dim)
+            return [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(layers)]
+
+        step_bytes = 0  # the largest step's activations, set aside before the cache is sized
+        if self.device.type == "cuda" and cache.num_blocks is None:  # the largest step, over a one-block cache
+            probe = ModelRunner(model, kv_caches_of(1), cache.block_size, backend, Sampler(), self.device, layout.links)
+            plan = profile_plan(scheduler.max_num_tokens, scheduler.max_num_sequences, max_len, cache.block_size)
+            step_bytes = step_peak_bytes(probe, plan)
+            del probe
+        blocks = num_kv_blocks(cache, self.device, per_block, step_bytes)
+        self.num_blocks = agree_on_blocks(blocks, layout.world, self.device)
+        self.step_bytes = step_bytes
+        kv_caches = kv_caches_of(self.num_blocks)
         sampler = Sampler(seed=model_config.seed)
         self.layout = layout
         graphs = None

@@ -105,3 +105,41 @@ def test_cuda_sampled_and_logprob_batches_equal_the_cpu_engine(tiny_checkpoint) 
 
 
 GREEDY_8 = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def test_the_kv_cache_takes_memory_torch_holds_but_no_tensor_uses() -> None:
+    """Weights quantized at load leave their float copies in torch's caching allocator: reserved,
+    unused, and not free to the driver; the cache's budget counts them as free."""
+    from shardserve.config import CacheConfig
+    from shardserve.workers.worker import num_kv_blocks
+
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info(device)[0]
+    held = torch.empty(free // 2, dtype=torch.uint8, device=device)
+    del held  # half the free memory, now reserved by the allocator and unused
+    assert torch.cuda.mem_get_info(device)[0] < free * 0.6
+    blocks = num_kv_blocks(CacheConfig(kv_cache_free_gpu_mem_fraction=0.5), device, 1 << 20)
+    assert blocks >= free * 0.49 / (1 << 20)
+
+
+def test_decode_graphs_share_one_output_and_equal_eager_steps(tiny_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every captured graph writes its hidden states into one shared buffer (the logits are
+    computed outside: a [batch, vocab] output per graph would hold memory for the whole ladder),
+    decode steps replay them, and their tokens equal eager steps'."""
+    from shardserve.workers.cuda_graphs import DecodeGraphs
+
+    path, hf = tiny_checkpoint("llama")
+    prompts = staggered_prompts(hf.config.vocab_size)
+    options = {"device": "cuda", "dtype": "float32", "cache": {"block_size": 8, "num_blocks": 64}}
+    replayed: list[int] = []
+    run = DecodeGraphs.run
+    monkeypatch.setattr(DecodeGraphs, "run", lambda self, ids, *a: replayed.append(len(ids)) or run(self, ids, *a))
+    graphed = LLM(path, cuda_graph_max_batch=64, **options)
+    graphs = graphed.engine.executor.worker.runner.graphs
+    assert graphs is not None and len(graphs.sizes) > 4
+    assert graphs.hidden.shape == (64, hf.config.hidden_size)
+    got = graphed.generate(prompts, GREEDY)
+    assert replayed, "no decode step replayed a graph"
+    eager = LLM(path, cuda_graphs=False, **options).generate(prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in eager]
