@@ -9,9 +9,11 @@ p sees keys 0..p (and p − window < key when windowed; ALiBi adds slope · (key
 
 A decode-only step (one query token per sequence, `TritonMetadata.decode_only`) takes a lighter
 path: tile i is sequence i (no lookups before its context length), and one loop of blocks masked
-for the one query position (blocks of 64 keys, 2 stages; over an fp8 cache at most 128 registers
-a thread). On an H100, 1024 decodes of 192 keys over an fp8 cache: 0.198 ms against 0.292 ms
-through the prefill path's lookups and two loops (benchmarks/README.md, session 8).
+for the one query position, whose block-table entries are read a block ahead so that no dependent
+load stands before a block's keys and values (blocks of 64 keys, 3 stages; over an fp8 cache at
+most 128 registers a thread). On an H100, 1024 decodes of 192 keys over an fp8 cache: 0.198 ms
+against 0.292 ms through the prefill path's lookups and two loops (benchmarks/README.md, session
+8); 512 decodes of 1,500 keys 0.58 against 0.62 ms with the table read ahead (session 9).
 
 `write_kv` stores the step's keys and values at their cache slots; slot −1 is skipped (padded
 rows of a captured CUDA graph). An fp8 (e4m3) cache (`cache.kv_cache_dtype: fp8`) stores them
@@ -55,7 +57,8 @@ ROWS_DECODE = 16  # ... when every sequence has one query token (tl.dot needs 16
 # (key elements a tile reads at once: BLOCK_N = that / head_dim, num_warps, num_stages), the fastest
 # of benchmarks/attention.py --sweep on an H200 (Llama-8B heads: prefill 4×2048, decode 256×256, 64×2048)
 PREFILL_LAUNCH = (8192, 4, 2)
-DECODE_LAUNCH = (8192, 4, 2)  # both caches (H100 sweep, benchmarks/README.md session 8): 64 keys a block
+# both caches: 64 keys a block, 3 stages (H100, benchmarks/README.md sessions 8 and 9)
+DECODE_LAUNCH = (8192, 4, 3)
 # an fp8 cache's decode tiles at most this many registers a thread (148 uncapped: 3 programs an SM
 # instead of 4; H100: 1024 decodes of 129-256 keys 0.204 against 0.230 ms, 512 of 1000-2000 keys
 # 0.646 against 0.708 ms; a bf16 cache loses ~1 % with the cap)
@@ -89,19 +92,26 @@ NO_MASK, PER_ROW, ONE_POSITION = tl.constexpr(0), tl.constexpr(1), tl.constexpr(
 
 
 @triton.jit
+def _table_entries(table, start, hi, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+    """The cache block of each key in [start, start + BLOCK_N) (0 past hi)."""
+    keys = start + tl.arange(0, BLOCK_N)
+    return tl.load(table + keys // PAGE, mask=keys < hi, other=0)
+
+
+@triton.jit
 def _attend_block(
-    q, acc, m_i, l_i, start, hi, q_pos, window, slope, table, k_base, v_base, dims, dim_ok,
+    q, acc, m_i, l_i, start, blocks, hi, q_pos, window, slope, k_base, v_base, dims, dim_ok,
     stride_cache_block, stride_cache_slot, qk_scale,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, MASK: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One step of the online softmax over keys [start, start + BLOCK_N) read through the block table.
-    `MASK`: NO_MASK; PER_ROW: the causal limit, the end of the context (and the window) per row;
-    ONE_POSITION: every row's query is at hi − 1 (a decode tile), so the mask is one row's."""
+    """One step of the online softmax over keys [start, start + BLOCK_N), which lie in the cache
+    `blocks` (`_table_entries`). `MASK`: NO_MASK; PER_ROW: the causal limit, the end of the
+    context (and the window) per row; ONE_POSITION: every row's query is at hi − 1 (a decode
+    tile), so the mask is one row's."""
     keys = start + tl.arange(0, BLOCK_N)
     key_ok = keys < hi
-    block = tl.load(table + keys // PAGE, mask=key_ok, other=0).to(tl.int64)
-    offsets = block * stride_cache_block + (keys % PAGE) * stride_cache_slot
+    offsets = blocks.to(tl.int64) * stride_cache_block + (keys % PAGE) * stride_cache_slot
     kv_mask = key_ok[:, None] & dim_ok[None, :]
     k = tl.load(k_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
     v = tl.load(v_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # both in flight
@@ -201,17 +211,22 @@ def _paged_attention_kernel(
     v_base = k_base + stride_cache_kv
     table = tables_ptr + seq * stride_table
     if DECODE:  # one loop, every block masked (cheap for one position): its loads pipeline as one
-        for start in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, hi, q_pos, window, slope, table, k_base, v_base,
+        ahead = _table_entries(table, lo, hi, BLOCK_N, PAGE)
+        for start in range(lo, hi, BLOCK_N):  # the table is read a block ahead: no lookup before the loads
+            blocks = ahead
+            ahead = _table_entries(table, start + BLOCK_N, hi, BLOCK_N, PAGE)
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, blocks, hi, q_pos, window, slope, k_base, v_base,
                                           dims, dim_ok, stride_cache_block, stride_cache_slot, qk_scale, BLOCK_N, PAGE,
                                           ONE_POSITION, USE_WINDOW, USE_ALIBI, PRECISION)  # fmt: skip
     else:
         for start in range(lo, mid, BLOCK_N):  # below the diagonal: no mask to build
-            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, hi, q_pos, window, slope, table, k_base, v_base,
+            blocks = _table_entries(table, start, hi, BLOCK_N, PAGE)
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, blocks, hi, q_pos, window, slope, k_base, v_base,
                                           dims, dim_ok, stride_cache_block, stride_cache_slot, qk_scale, BLOCK_N, PAGE,
                                           NO_MASK, False, USE_ALIBI, PRECISION)  # fmt: skip
         for start in range(mid, hi, BLOCK_N):  # the diagonal (and a window's edges)
-            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, hi, q_pos, window, slope, table, k_base, v_base,
+            blocks = _table_entries(table, start, hi, BLOCK_N, PAGE)
+            acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, start, blocks, hi, q_pos, window, slope, k_base, v_base,
                                           dims, dim_ok, stride_cache_block, stride_cache_slot, qk_scale, BLOCK_N, PAGE,
                                           PER_ROW, USE_WINDOW, USE_ALIBI, PRECISION)  # fmt: skip
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
