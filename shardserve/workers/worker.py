@@ -143,17 +143,21 @@ def kv_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype, tp
     return 2 * (layers or arch.num_layers) * block_size * kv_heads * arch.head_dim * dtype.itemsize
 
 
-def num_kv_blocks(cache: CacheConfig, device: torch.device, per_block: int, step_bytes: int = 0) -> int:
+def free_gpu_bytes(device: torch.device) -> int:
+    """Memory free on a CUDA device, counting what torch's allocator holds but no tensor uses (the
+    float weights an fp8 model was quantized from: 8.8 GiB for Llama-8B, 24 preemptions in fp8
+    1000/1000 while the cache left it out)."""
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def num_kv_blocks(cache: CacheConfig, device: torch.device, per_block: int, free: int = 0, step_bytes: int = 0) -> int:
     """Blocks this rank can hold: `cache.num_blocks`, else its memory budget over `per_block`; on
-    CUDA the budget is `kv_cache_free_gpu_mem_fraction` of the memory free less `step_bytes`, the
-    largest step's activations (`workers/memory.py`)."""
+    CUDA the budget is `kv_cache_free_gpu_mem_fraction` of `free` (`free_gpu_bytes`) less
+    `step_bytes`, the largest step's activations (`workers/memory.py`)."""
     if cache.num_blocks is not None:
         return cache.num_blocks
     if device.type == "cuda":
-        # Memory torch's allocator holds but no tensor uses (the float weights an fp8 model was
-        # quantized from) is free for the cache: 8.8 GiB for Llama-8B, 24 preemptions in fp8 1000/1000.
-        torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(device)
         budget = int(max(0, free - step_bytes) * cache.kv_cache_free_gpu_mem_fraction)
         what = f"{cache.kv_cache_free_gpu_mem_fraction} of {free} bytes free less a step's {step_bytes}"
     else:
@@ -227,13 +231,15 @@ class Worker:
             shape = (2, blocks, cache.block_size, heads, arch.head_dim)
             return [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(layers)]
 
-        step_bytes = 0  # the largest step's activations, set aside before the cache is sized
+        free = step_bytes = 0  # the largest step's activations are set aside before the cache is sized
         if self.device.type == "cuda" and cache.num_blocks is None:  # the largest step, over a one-block cache
+            # measured first: the step's memory stays in torch's allocator for the first real steps
+            free = free_gpu_bytes(self.device)
             probe = ModelRunner(model, kv_caches_of(1), cache.block_size, backend, Sampler(), self.device, layout.links)
             plan = profile_plan(scheduler.max_num_tokens, scheduler.max_num_sequences, max_len, cache.block_size)
             step_bytes = step_peak_bytes(probe, plan)
             del probe
-        blocks = num_kv_blocks(cache, self.device, per_block, step_bytes)
+        blocks = num_kv_blocks(cache, self.device, per_block, free, step_bytes)
         self.num_blocks = agree_on_blocks(blocks, layout.world, self.device)
         self.step_bytes = step_bytes
         kv_caches = kv_caches_of(self.num_blocks)

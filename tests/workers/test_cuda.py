@@ -111,7 +111,7 @@ def test_the_kv_cache_takes_memory_torch_holds_but_no_tensor_uses() -> None:
     """Weights quantized at load leave their float copies in torch's caching allocator: reserved,
     unused, and not free to the driver; the cache's budget counts them as free."""
     from shardserve.config import CacheConfig
-    from shardserve.workers.worker import num_kv_blocks
+    from shardserve.workers.worker import free_gpu_bytes, num_kv_blocks
 
     device = torch.device("cuda")
     torch.cuda.empty_cache()
@@ -119,7 +119,7 @@ def test_the_kv_cache_takes_memory_torch_holds_but_no_tensor_uses() -> None:
     held = torch.empty(free // 2, dtype=torch.uint8, device=device)
     del held  # half the free memory, now reserved by the allocator and unused
     assert torch.cuda.mem_get_info(device)[0] < free * 0.6
-    blocks = num_kv_blocks(CacheConfig(kv_cache_free_gpu_mem_fraction=0.5), device, 1 << 20)
+    blocks = num_kv_blocks(CacheConfig(kv_cache_free_gpu_mem_fraction=0.5), device, 1 << 20, free_gpu_bytes(device))
     assert blocks >= free * 0.49 / (1 << 20)
 
 
