@@ -40,6 +40,29 @@ def test_nccl_ranks_give_the_tp1_tokens(engines: Engines, layout: str) -> None:
     print(layout, [(s.rank, s.steps, round(s.bubble, 3)) for s in engine.executor.rank_stats])  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_nccl_ranks_size_their_cache_after_profiling_a_step_together(engines: Engines, layout: str) -> None:
+    """Without a fixed block count every rank runs the largest step before sizing its cache (its
+    tp all-reduces and pipeline sends with the others), and the ranks still give the tp=1 tokens."""
+    from shardserve.engine.engine import LLMEngine
+
+    tp, pp = LAYOUTS[layout]
+    if torch.cuda.device_count() < tp * pp:
+        pytest.skip(f"needs {tp * pp} GPUs, {torch.cuda.device_count()} visible")
+    reference = reference_tokens(engines, "llama")
+    sections = {**SECTIONS, "cache": {"block_size": 8, "kv_cache_free_gpu_mem_fraction": 0.05}}
+    engine = LLMEngine.from_model(
+        engines("llama", layout), **sections, model={"device": "cuda"}, parallel={"comm": "nccl"}
+    )
+    try:
+        got = run_staggered(engine, staggered_prompts(engine.arch.vocab_size), params())
+        step_bytes = engine.executor.worker.step_bytes  # type: ignore[attr-defined]
+    finally:
+        engine.shutdown()
+    assert got == reference
+    assert step_bytes > 0 and engine.kv_cache.num_blocks > SECTIONS["cache"]["num_blocks"]
+
+
 TIMEOUTS = {"timeout_s": 15.0, "heartbeat_timeout_s": 2.0}
 
 
