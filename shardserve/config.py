@@ -48,7 +48,9 @@ class ModelConfig(_Section):
 class CacheConfig(_Section):
     block_size: int = Field(32, ge=1, le=1024)
     kv_cache_bytes: int = Field(1 << 30, ge=1, description="KV cache size on CPU")
-    kv_cache_free_gpu_mem_fraction: float = Field(0.9, gt=0.0, le=1.0, description="share of free GPU memory")
+    kv_cache_free_gpu_mem_fraction: float = Field(
+        0.9, gt=0.0, le=1.0, description="share of the GPU memory free after the weights and the largest step"
+    )
     num_blocks: int | None = Field(None, ge=1, description="exact block count (overrides the memory budget)")
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = Field("auto", pattern="^(auto|fp8)$", description="fp8 (e4m3, CUDA): half the bytes")
