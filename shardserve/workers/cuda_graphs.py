@@ -7,11 +7,12 @@ graphs share. A decode step of n sequences copies its ids, positions, cache slot
 tables into the first n rows of those buffers, replays the smallest graph that holds n, and
 computes the logits of its n rows outside the graph (a [batch, vocab] output held by each graph
 took 9 GiB for a ladder up to 2048 in Llama-3-8B). The padded rows write no KV (slot −1) and read
-one cached position, so they stay finite and are dropped. Only the Triton backend's metadata is tensors alone, so only
-it can be captured. Tensor-parallel ranks (pp = 1) capture too: their all-reduces and gathers are
-NCCL kernels queued on the capturing stream, every rank captures the same ladder in the same order
-at start-up (the warm-up forward is a collective), and each step every rank replays the graph of the
-same size, since all follow the same plan. Pipeline stages (their send/recv) run eagerly.
+one cached position, so they stay finite and are dropped. Only the Triton backend's metadata is
+tensors alone, so only it can be captured. Tensor-parallel ranks (pp = 1) capture too: their
+all-reduces are NCCL kernels queued on the capturing stream (the logits' gather runs after the
+replay), every rank captures the same ladder in the same order at start-up (the warm-up forward is
+a collective), and each step every rank replays the graph of the same size, since all follow the
+same plan. Pipeline stages (their send/recv) run eagerly.
 """
 
 from __future__ import annotations

@@ -217,6 +217,12 @@ class ModelRunner:
         else:
             wait_event(event, DEFAULT, "this step's GPU work")
 
+    def synchronize(self) -> None:
+        """Wait until the GPU ran everything queued (a tp peer that died is named, not waited on)."""
+        event = torch.cuda.Event()
+        event.record()
+        self._wait(event)
+
     def flush(self) -> None:
         """Wait until the next stage has taken the last hidden states sent to it."""
         if self._sent is not None:

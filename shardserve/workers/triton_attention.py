@@ -13,7 +13,7 @@ for the one query position, whose block-table entries are read a block ahead so 
 load stands before a block's keys and values (blocks of 64 keys, 3 stages; over an fp8 cache at
 most 128 registers a thread). On an H100, 1024 decodes of 192 keys over an fp8 cache: 0.198 ms
 against 0.292 ms through the prefill path's lookups and two loops (benchmarks/README.md, session
-8); 512 decodes of 1,500 keys 0.58 against 0.62 ms with the table read ahead (session 9).
+8); 512 decodes of 1,500 keys 0.589 against 0.635 ms with the table read ahead (session 9).
 
 `write_kv` stores the step's keys and values at their cache slots; slot −1 is skipped (padded
 rows of a captured CUDA graph). An fp8 (e4m3) cache (`cache.kv_cache_dtype: fp8`) stores them

@@ -151,7 +151,7 @@ def free_gpu_bytes(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0]
 
 
-def num_kv_blocks(cache: CacheConfig, device: torch.device, per_block: int, free: int = 0, step_bytes: int = 0) -> int:
+def num_kv_blocks(cache: CacheConfig, device: torch.device, per_block: int, free: int, step_bytes: int = 0) -> int:
     """Blocks this rank can hold: `cache.num_blocks`, else its memory budget over `per_block`; on
     CUDA the budget is `kv_cache_free_gpu_mem_fraction` of `free` (`free_gpu_bytes`) less
     `step_bytes`, the largest step's activations (`workers/memory.py`)."""
@@ -235,6 +235,7 @@ class Worker:
         if self.device.type == "cuda" and cache.num_blocks is None:  # the largest step, over a one-block cache
             # measured first: the step's memory stays in torch's allocator for the first real steps
             free = free_gpu_bytes(self.device)
+            layout.world.barrier(timeout=None)  # a rank slower to load is waited for (its step is a collective)
             probe = ModelRunner(model, kv_caches_of(1), cache.block_size, backend, Sampler(), self.device, layout.links)
             plan = profile_plan(scheduler.max_num_tokens, scheduler.max_num_sequences, max_len, cache.block_size)
             step_bytes = step_peak_bytes(probe, plan)

@@ -51,8 +51,9 @@ def test_a_larger_step_sets_more_memory_aside(tiny_checkpoint) -> None:
     runner = worker.runner
     probe = ModelRunner(runner.model, [c[:, :1].clone() for c in runner.kv_caches], runner.block_size,
                         runner.backend, Sampler(), runner.device)  # fmt: skip
-    small = step_peak_bytes(probe, profile_plan(256, 8, 4096, runner.block_size))
-    large = step_peak_bytes(probe, profile_plan(8192, 256, 4096, runner.block_size))
+    max_len = llm.engine.max_model_len  # the rotary table's length
+    small = step_peak_bytes(probe, profile_plan(256, 8, max_len, runner.block_size))
+    large = step_peak_bytes(probe, profile_plan(8192, 256, max_len, runner.block_size))
     assert 0 < small < large
     out = llm.generate([[5, 6, 7, 8]])
     assert out[0].token_ids

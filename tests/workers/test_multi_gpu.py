@@ -50,7 +50,10 @@ def test_nccl_ranks_size_their_cache_after_profiling_a_step_together(engines: En
     if torch.cuda.device_count() < tp * pp:
         pytest.skip(f"needs {tp * pp} GPUs, {torch.cuda.device_count()} visible")
     reference = reference_tokens(engines, "llama")
-    sections = {**SECTIONS, "cache": {"block_size": 8, "kv_cache_free_gpu_mem_fraction": 0.05}}
+    sections = {
+        "cache": {"block_size": 8, "kv_cache_free_gpu_mem_fraction": 0.05},
+        "scheduler": {**SECTIONS["scheduler"], "max_num_sequences": 8},  # the profiled step holds a 41-token prompt
+    }
     engine = LLMEngine.from_model(
         engines("llama", layout), **sections, model={"device": "cuda"}, parallel={"comm": "nccl"}
     )
