@@ -63,7 +63,7 @@ class Sampler:
     def _tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         if all(_plain_greedy(r) for r in rows):  # the common batch: one argmax
             return logits.argmax(dim=-1)
-        logits = apply_penalties_and_bans(logits.float().clone(), rows)
+        logits = apply_penalties_and_bans(logits.to(torch.float32, copy=True), rows)  # ours to filter in place
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         if len(greedy) == len(rows):
             return logits.argmax(dim=-1)
@@ -76,14 +76,13 @@ class Sampler:
         return tokens
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        # logits: [n, vocab]
+        # logits: [n, vocab], a float copy of the caller's, changed in place: every [n, vocab]
+        # temporary counts in the largest step's memory (workers/memory.py)
         temps = to_device([r.params.temperature for r in rows], logits.dtype, logits.device)
-        logits = logits / temps[:, None]
-        logits = top_k_top_p(logits, rows)
-        logits = min_p_filter(logits, rows)
+        logits = min_p_filter(top_k_top_p(logits.div_(temps[:, None]), rows), rows)
         probs = torch.softmax(logits, dim=-1)
         noise = self._exponential_noise(probs, rows)
-        return (probs / noise.clamp_min(1e-20)).argmax(dim=-1)
+        return probs.div_(noise.clamp_min_(1e-20)).argmax(dim=-1)
 
     def _exponential_noise(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         device = probs.device
@@ -137,7 +136,7 @@ def banned_token_ids(row: SamplingRow) -> list[int]:
 
 
 def top_k_top_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Mask (to -inf) tokens outside each row's top-k and top-p nucleus."""
+    """Mask (to -inf, in place) tokens outside each row's top-k and top-p nucleus."""
     top_k = [r.params.top_k for r in rows]
     top_p = [r.params.top_p for r in rows]
     if not any(top_k) and all(p >= 1.0 for p in top_p):
@@ -150,21 +149,25 @@ def top_k_top_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         keep &= torch.arange(vocab, device=logits.device)[None, :] < k[:, None]
     if any(p < 1.0 for p in top_p):
         probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+        before = probs.cumsum(dim=-1).sub_(probs)  # mass of the tokens ranked above each one
+        del probs
         p = to_device(top_p, logits.dtype, logits.device)[:, None]
         keep &= (before < p) | (p >= 1.0)  # top_p = 1 is off, whatever the float32 cumsum says
+        del before
+    del sorted_logits
     keep[:, 0] = True
     mask = torch.empty_like(keep).scatter_(-1, order, keep)
-    return logits.masked_fill(~mask, float("-inf"))
+    return logits.masked_fill_(~mask, float("-inf"))
 
 
 def min_p_filter(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Mask (to -inf, in place) tokens below each row's min_p × its most likely token's probability."""
     min_p = [r.params.min_p for r in rows]
     if not any(min_p):
         return logits
     probs = torch.softmax(logits, dim=-1)
     threshold = to_device(min_p, logits.dtype, logits.device)[:, None] * probs.max(dim=-1, keepdim=True).values
-    return logits.masked_fill(probs < threshold, float("-inf"))
+    return logits.masked_fill_(probs < threshold, float("-inf"))
 
 
 def _logprobs(raw: torch.Tensor | None, tokens: list[int], rows: list[SamplingRow]) -> list[TokenLogprob | None]:

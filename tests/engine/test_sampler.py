@@ -529,3 +529,19 @@ def test_device_tokens_never_wait_for_the_gpu() -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert tokens is not None and tokens.is_cuda
     assert tokens.tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_filters_work_in_place_on_the_samplers_own_copy(dtype: torch.dtype) -> None:
+    """Temperature, top-k / top-p, min-p and the noise change a float copy in place (each [rows,
+    vocab] temporary counts in a step's memory); the caller's logits stay as they were."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)).to(dtype)
+    before = logits.clone()
+    params = {"temperature": 0.7, "top_k": 10, "top_p": 0.8, "min_p": 0.05, "repetition_penalty": 1.2, "logprobs": 2}
+    rows = [make_row(token_ids=(1, 2, 3), **params) for _ in range(6)]
+    out = Sampler(seed=5)(logits, rows)
+    assert torch.equal(logits, before)
+    assert out.token_ids == Sampler(seed=5)(logits, rows).token_ids
+    penalized = apply_penalties_and_bans(logits.float().clone(), rows)
+    for row, token in zip(penalized, out.token_ids, strict=True):
+        assert token in row.topk(10).indices.tolist()
