@@ -120,7 +120,7 @@ def quantize_fp8_per_token(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tenso
     scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(n)
     _quant_fp8_kernel[(x.shape[0],)](
-        x, q, scale, x.stride(0), q.stride(0), N=n, BLOCK=block, FP8_MAX=fp8_max, num_warps=16 if block >= 8192 else 8
+        x, q, scale, x.stride(0), q.stride(0), N=n, BLOCK=block, FP8_MAX=fp8_max, num_warps=_row_warps(block)
     )
     return q, scale
 
@@ -179,7 +179,7 @@ def silu_and_mul_fp8(x: torch.Tensor, fp8_max: float) -> tuple[torch.Tensor, tor
     block = triton.next_power_of_2(n)
     _silu_and_mul_kernel[(x.shape[0], 1)](
         x, out, scale, x.stride(0), out.stride(0), N=n, BLOCK=block, FP8_MAX=fp8_max,
-        num_warps=16 if block >= 8192 else 8,
+        num_warps=_row_warps(block),
     )  # fmt: skip
     return out, scale
 
@@ -200,3 +200,8 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
 
 def _warps(n: int) -> int:
     return 4 if n <= 2048 else 8
+
+
+def _row_warps(block: int) -> int:
+    """Warps of a program that holds a whole row of `block` columns (its amax for fp8 scales)."""
+    return 16 if block >= 8192 else 8

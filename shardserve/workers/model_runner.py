@@ -200,9 +200,7 @@ class ModelRunner:
             ready.record()
             return Launched(None, plan.step_id, batch.sample_ids, host, ready)
         if self.device.type == "cuda":  # the host sampler reads the logits: wait for them under the deadline
-            computed = torch.cuda.Event()
-            computed.record()
-            self._wait(computed)
+            self.synchronize()
         out = self.sampler(logits, rows)
         self._sampled = (batch.sample_ids, out.token_ids)
         logprobs = {r: lp for r, lp in zip(batch.sample_ids, out.logprobs, strict=True) if lp is not None}

@@ -233,8 +233,7 @@ class Worker:
 
         free = step_bytes = 0  # the largest step's activations are set aside before the cache is sized
         if self.device.type == "cuda" and cache.num_blocks is None:  # the largest step, over a one-block cache
-            # measured first: the step's memory stays in torch's allocator for the first real steps
-            free = free_gpu_bytes(self.device)
+            free = free_gpu_bytes(self.device)  # before the step, whose own memory `step_bytes` counts
             layout.world.barrier(timeout=None)  # a rank slower to load is waited for (its step is a collective)
             probe = ModelRunner(model, kv_caches_of(1), cache.block_size, backend, Sampler(), self.device, layout.links)
             plan = profile_plan(scheduler.max_num_tokens, scheduler.max_num_sequences, max_len, cache.block_size)
