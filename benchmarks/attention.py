@@ -24,17 +24,17 @@ from typing import Any
 import torch
 
 from shardserve.workers import triton_attention as ta
-from shardserve.workers.attention import SeqSpan
+from shardserve.workers.attention import SeqSpan, kv_cache_shape
 
-PAGE = 16
+PAGE = 64  # the engine's default block size
 CASES = {"prefill 4×2048": (4, 2048, 2048), "decode 256×256": (256, 1, 256), "decode 64×2048": (64, 1, 2048)}
 
 
 def make_case(seqs: int, q_len: int, context: int, args: argparse.Namespace) -> dict[str, Any]:
     g = torch.Generator(device="cuda").manual_seed(0)
     blocks_per_seq = -(-context // PAGE)
-    cache = torch.randn(2, seqs * blocks_per_seq + 1, PAGE, args.kv_heads, args.head_dim, generator=g,
-                        device="cuda", dtype=torch.bfloat16)  # fmt: skip
+    shape = kv_cache_shape(seqs * blocks_per_seq + 1, PAGE, args.kv_heads, args.head_dim)
+    cache = torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)
     perm = torch.randperm(seqs * blocks_per_seq, generator=g, device="cuda").tolist()  # scattered blocks
     spans = [
         SeqSpan(i * q_len, q_len, context, perm[i * blocks_per_seq : (i + 1) * blocks_per_seq]) for i in range(seqs)
@@ -44,8 +44,8 @@ def make_case(seqs: int, q_len: int, context: int, args: argparse.Namespace) -> 
     if args.kv_cache_dtype == "fp8":
         cache = cache.to(torch.float8_e4m3fn)
     table = torch.tensor([s.block_table for s in spans], device="cuda")
-    k = cache[0][table].flatten(1, 2)[:, :context].transpose(1, 2).to(torch.bfloat16).contiguous()
-    v = cache[1][table].flatten(1, 2)[:, :context].transpose(1, 2).to(torch.bfloat16).contiguous()
+    k = cache[0][table].transpose(1, 2).flatten(2, 3)[:, :, :context].to(torch.bfloat16).contiguous()
+    v = cache[1][table].transpose(1, 2).flatten(2, 3)[:, :, :context].to(torch.bfloat16).contiguous()
     return {"spans": spans, "q": q, "cache": cache, "k": k, "v": v, "seqs": seqs, "q_len": q_len, "context": context}
 
 

@@ -46,7 +46,9 @@ class ModelConfig(_Section):
 
 
 class CacheConfig(_Section):
-    block_size: int = Field(32, ge=1, le=1024)
+    block_size: int = Field(
+        64, ge=1, le=1024, description="tokens a cache block holds (64: CUDA decode reads one block of a head by TMA)"
+    )
     kv_cache_bytes: int = Field(1 << 30, ge=1, description="KV cache size on CPU")
     kv_cache_free_gpu_mem_fraction: float = Field(
         0.9, gt=0.0, le=1.0, description="share of the GPU memory free after the weights and the largest step"

@@ -1,15 +1,18 @@
 """Paged attention over block tables.
 
-The KV cache of one layer is a tensor [2, num_blocks, block_size, kv_heads, head_dim]
-(keys, values). A step is a flat batch of tokens from several sequences; each sequence
-has `query_len` new tokens at positions `context_len - query_len .. context_len - 1` and
-reads keys through its block table. `AttentionBackend` is the seam for faster kernels.
+The KV cache of one layer is a tensor [2, num_blocks, kv_heads, block_size, head_dim]
+(keys, values; `kv_cache_shape`): head-major, so one block's keys of one head are contiguous
+(block_size × head_dim), which the CUDA decode kernel reads as one bulk (TMA) copy. A step is
+a flat batch of tokens from several sequences; each sequence has `query_len` new tokens at
+positions `context_len - query_len .. context_len - 1` and reads keys through its block table.
+`AttentionBackend` is the seam for faster kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -46,10 +49,10 @@ class AttentionMetadata:
         rows = [i for i, s in enumerate(seqs) if s.query_len == 1]
         if rows:
             width = max(-(-seqs[i].context_len // block_size) for i in rows)
-            tables = [padded_table(seqs[i], width) for i in rows]
+            tables = padded_tables((seqs[i] for i in rows), width)
             meta.decode_rows = rows
             meta.decode_tokens = torch.tensor([seqs[i].query_start for i in rows], dtype=torch.long, device=device)
-            meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=device)
+            meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=device).view(len(rows), width)
             meta.decode_context_lens = torch.tensor([seqs[i].context_len for i in rows], device=device)
         return meta
 
@@ -70,10 +73,16 @@ def slot_mapping(seqs: list[SeqSpan], block_size: int) -> list[int]:
     return slots
 
 
-def padded_table(seq: SeqSpan, width: int) -> list[int]:
-    """The sequence's first `width` block ids, padded with block 0 (read only under a mask)."""
-    row = seq.block_table[:width]
-    return row + [0] * (width - len(row))
+def padded_tables(seqs: Iterable[SeqSpan], width: int) -> list[int]:
+    """Each sequence's first `width` block ids, padded with block 0 (read only under a mask), as
+    one flat list: the rows of a [seqs, width] table."""
+    flat: list[int] = []
+    pad = [0] * width
+    for s in seqs:
+        row = s.block_table[:width]
+        flat += row
+        flat += pad[len(row) :]
+    return flat
 
 
 class AttentionBackend(Protocol):
@@ -141,8 +150,8 @@ class TorchAttentionBackend:
         tables = meta.decode_block_tables
         assert tables is not None and meta.decode_context_lens is not None
         n, width = tables.shape
-        keys = gather_blocks(kv_cache[0], tables.flatten()).view(n, width * meta.block_size, *kv_cache.shape[-2:])
-        values = gather_blocks(kv_cache[1], tables.flatten()).view(n, width * meta.block_size, *kv_cache.shape[-2:])
+        keys = gather_blocks(kv_cache[0], tables.flatten()).unflatten(1, (n, -1)).transpose(0, 1)  # [n, kv_heads, L, d]
+        values = gather_blocks(kv_cache[1], tables.flatten()).unflatten(1, (n, -1)).transpose(0, 1)
         key = (bias.window, None if bias.alibi_slopes is None else id(bias.alibi_slopes), q.dtype)
         mask = meta.decode_masks.get(key)
         if mask is None:
@@ -151,8 +160,8 @@ class TorchAttentionBackend:
             mask = meta.decode_masks[key] = bias.additive(bias.mask(qpos, kpos, q.dtype), q.dtype)  # [n, 1|heads, 1, L]
         out = F.scaled_dot_product_attention(
             q[:, :, None, :],  # [n, heads, 1, d]
-            keys.transpose(1, 2),  # [n, kv_heads, L, d]
-            values.transpose(1, 2),
+            keys,
+            values,
             attn_mask=mask,
             scale=scale,
             enable_gqa=True,
@@ -166,8 +175,8 @@ class TorchAttentionBackend:
         # q: [query_len, heads, head_dim]
         nblocks = -(-s.context_len // block_size)
         table = torch.tensor(s.block_table[:nblocks], dtype=torch.long, device=q.device)
-        keys = gather_blocks(kv_cache[0], table).flatten(0, 1)[: s.context_len]  # [context, kv_heads, d]
-        values = gather_blocks(kv_cache[1], table).flatten(0, 1)[: s.context_len]
+        keys = gather_blocks(kv_cache[0], table)[:, : s.context_len]  # [kv_heads, context, d]
+        values = gather_blocks(kv_cache[1], table)[:, : s.context_len]
         start = s.context_len - s.query_len
         mask = None
         causal = start == 0 and bias.plain
@@ -177,8 +186,8 @@ class TorchAttentionBackend:
             mask = bias.mask(qpos, kpos, q.dtype)[0][None]  # [1, 1 or heads, q, k]
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],  # [1, heads, q, d]
-            keys.transpose(0, 1)[None],
-            values.transpose(0, 1)[None],
+            keys[None],
+            values[None],
             attn_mask=mask,
             is_causal=causal,
             scale=scale,
@@ -272,17 +281,24 @@ def to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> to
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def kv_cache_shape(num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """The shape of one layer's KV cache (the layout every backend reads and writes)."""
+    return (2, num_blocks, kv_heads, block_size, head_dim)
+
+
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """cache [blocks, block_size, kv_heads, d], ids [k] -> [k, block_size, kv_heads, d] (row copies)."""
-    rows = torch.index_select(cache.view(cache.shape[0], -1), 0, block_ids)
-    return rows.view(-1, *cache.shape[1:])
+    """cache [blocks, kv_heads, block_size, d], ids [k] -> [kv_heads, k · block_size, d]: each
+    head's keys (or values) of those blocks in order (one copy)."""
+    heads, block_size, d = cache.shape[1:]
+    return torch.index_select(cache.transpose(0, 1), 1, block_ids).view(heads, -1, d)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store this step's keys and values at their cache slots."""
-    flat = kv_cache.flatten(1, 2)  # [2, slots, kv_heads, d]
-    flat[0].index_copy_(0, slots, k.to(flat.dtype))
-    flat[1].index_copy_(0, slots, v.to(flat.dtype))
+    """Store this step's keys and values [tokens, kv_heads, d] at their cache slots."""
+    block_size = kv_cache.shape[3]
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[0, blocks, :, offsets] = k.to(kv_cache.dtype)
+    kv_cache[1, blocks, :, offsets] = v.to(kv_cache.dtype)
 
 
 @dataclass(slots=True)

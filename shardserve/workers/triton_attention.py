@@ -9,11 +9,14 @@ p sees keys 0..p (and p − window < key when windowed; ALiBi adds slope · (key
 
 A decode-only step (one query token per sequence, `TritonMetadata.decode_only`) takes a lighter
 path: tile i is sequence i (no lookups before its context length), and one loop of blocks masked
-for the one query position, whose block-table entries are read a block ahead so that no dependent
-load stands before a block's keys and values (blocks of 64 keys, 3 stages; over an fp8 cache at
-most 128 registers a thread). On an H100, 1024 decodes of 192 keys over an fp8 cache: 0.198 ms
-against 0.292 ms through the prefill path's lookups and two loops (benchmarks/README.md, session
-8); 512 decodes of 1,500 keys 0.589 against 0.635 ms with the table read ahead (session 9).
+for the one query position (tiles of 64 keys; over an fp8 cache at most 128 registers a thread).
+Where a tile's keys lie in one cache block (block_size a multiple of 64, the default 64) on a
+Hopper GPU, each tile's keys and values of its head are one bulk TMA copy each through a tensor
+descriptor over the head-major cache (`attention.kv_cache_shape`), 5 stages deep over an fp8
+cache; otherwise they are loaded through pointers, the block-table entries read a block ahead so
+that no dependent load stands before a block's keys and values. On an H100 over an fp8 cache
+(benchmarks/README.md, session 10): 512 decodes of 1,560 keys 0.586 ms against 0.611 ms through
+pointers with blocks of 32, 2048 decodes of 192 keys 0.308 against 0.361 ms.
 
 `write_kv` stores the step's keys and values at their cache slots; slot −1 is skipped (padded
 rows of a captured CUDA graph). An fp8 (e4m3) cache (`cache.kv_cache_dtype: fp8`) stores them
@@ -36,17 +39,20 @@ the kernel's masks.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from shardserve.workers.attention import (
     AttentionMetadata,
     SeqSpan,
     attend_whole_prompts,
-    padded_table,
+    padded_tables,
     slot_mapping,
     to_device,
     whole_prompt_runs,
@@ -63,6 +69,9 @@ DECODE_LAUNCH = (8192, 4, 3)
 # instead of 4; H100: 1024 decodes of 129-256 keys 0.204 against 0.230 ms, 512 of 1000-2000 keys
 # 0.646 against 0.708 ms; a bf16 cache loses ~1 % with the cap)
 FP8_DECODE_MAX_REGISTERS = 128
+# an fp8 cache's decode tiles read through TMA pipeline this many blocks (H100, 512 decodes of 1,560
+# keys: 0.573 ms at 5 stages, 0.610 at 3; a bf16 cache, twice the bytes a block: 3 stages as before)
+FP8_TMA_DECODE_STAGES = 5
 FRESH_MIN_LEN = 256  # whole prompts at least this long go to SDPA (shorter ones: the kernel is as fast)
 
 
@@ -70,19 +79,22 @@ FRESH_MIN_LEN = 256  # whole prompts at least this long go to SDPA (shorter ones
 def _write_kv_kernel(
     k_ptr, v_ptr, cache_ptr, slots_ptr,
     stride_kt, stride_vt, stride_cache_kv,
-    WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, CLAMP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, PAGE: tl.constexpr, CLAMP: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot >= 0:
-        cols = tl.arange(0, WIDTH_PAD)
+        cols = tl.arange(0, WIDTH_PAD)  # the token's kv_heads × head_dim values
         ok = cols < WIDTH
         k = tl.load(k_ptr + t * stride_kt + cols, mask=ok)
         v = tl.load(v_ptr + t * stride_vt + cols, mask=ok)
         if CLAMP > 0:  # an fp8 cache: saturate instead of overflowing
             k = tl.minimum(tl.maximum(k.to(tl.float32), -CLAMP), CLAMP)
             v = tl.minimum(tl.maximum(v.to(tl.float32), -CLAMP), CLAMP)
-        dst = cache_ptr + slot * WIDTH + cols
+        # [blocks, kv_heads, PAGE, HEAD_DIM]: the slot's row of head h is (block · kv_heads + h) · PAGE + offset
+        block, offset = slot // PAGE, slot % PAGE
+        rows = (block * (WIDTH // HEAD_DIM) + cols // HEAD_DIM) * PAGE + offset
+        dst = cache_ptr + rows * HEAD_DIM + cols % HEAD_DIM
         tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=ok)
         tl.store(dst + stride_cache_kv, v.to(cache_ptr.dtype.element_ty), mask=ok)
 
@@ -105,16 +117,30 @@ def _attend_block(
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, MASK: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_ALIBI: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One step of the online softmax over keys [start, start + BLOCK_N), which lie in the cache
-    `blocks` (`_table_entries`). `MASK`: NO_MASK; PER_ROW: the causal limit, the end of the
-    context (and the window) per row; ONE_POSITION: every row's query is at hi − 1 (a decode
-    tile), so the mask is one row's."""
+    """`_softmax_step` over keys [start, start + BLOCK_N), which lie in the cache `blocks`
+    (`_table_entries`), loaded through pointers."""
+    keys = start + tl.arange(0, BLOCK_N)
+    offsets = blocks.to(tl.int64) * stride_cache_block + (keys % PAGE) * stride_cache_slot
+    kv_mask = (keys < hi)[:, None] & dim_ok[None, :]
+    k = tl.load(k_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [N, D]
+    v = tl.load(v_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # both in flight
+    return _softmax_step(q, k, v, acc, m_i, l_i, start, hi, q_pos, window, slope, qk_scale,
+                         BLOCK_N, MASK, USE_WINDOW, USE_ALIBI, PRECISION)  # fmt: skip
+
+
+@triton.jit
+def _softmax_step(
+    q, k, v, acc, m_i, l_i, start, hi, q_pos, window, slope, qk_scale,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One step of the online softmax over keys [start, start + BLOCK_N) with their k, v [N, D] (any
+    values past hi: masked). `MASK`: NO_MASK; PER_ROW: the causal limit, the end of the context
+    (and the window) per row; ONE_POSITION: every row's query is at hi − 1 (a decode tile), so the
+    mask is one row's."""
     keys = start + tl.arange(0, BLOCK_N)
     key_ok = keys < hi
-    offsets = blocks.to(tl.int64) * stride_cache_block + (keys % PAGE) * stride_cache_slot
-    kv_mask = key_ok[:, None] & dim_ok[None, :]
-    k = tl.load(k_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [N, D]
-    v = tl.load(v_base + offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # both in flight
+    k, v = k.to(q.dtype), v.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [rows, N], log2 units
     if USE_ALIBI:
         s += slope[:, None] * (keys[None, :] - q_pos[:, None]).to(tl.float32)
@@ -149,7 +175,7 @@ def _attend_block(
     ],
 )
 def _paged_attention_kernel(
-    q_ptr, out_ptr, cache_ptr, alibi_ptr,
+    q_ptr, out_ptr, cache_ptr, kv_desc, alibi_ptr,
     tables_ptr, context_lens_ptr, query_starts_ptr, tile_seqs_ptr, tile_starts_ptr,
     scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -157,7 +183,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, PRECISION: tl.constexpr, FP16_DOTS: tl.constexpr,
-    DECODE: tl.constexpr,
+    DECODE: tl.constexpr, TMA: tl.constexpr, KV_HEADS: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -210,7 +236,15 @@ def _paged_attention_kernel(
     k_base = cache_ptr + kv_head * stride_cache_head
     v_base = k_base + stride_cache_kv
     table = tables_ptr + seq * stride_table
-    if DECODE:  # one loop, every block masked (cheap for one position): its loads pipeline as one
+    if DECODE and TMA:  # each BLOCK_N keys lie in one cache block: one bulk copy each of keys and values
+        v_rows = (stride_cache_kv // HEAD_DIM).to(tl.int32)  # kv_desc: the cache as rows of HEAD_DIM
+        for start in range(lo, hi, BLOCK_N):
+            row = (tl.load(table + start // PAGE) * KV_HEADS + kv_head) * PAGE + start % PAGE
+            k = kv_desc.load([row, 0])
+            v = kv_desc.load([row + v_rows, 0])
+            acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, start, hi, q_pos, window, slope, qk_scale,
+                                          BLOCK_N, ONE_POSITION, USE_WINDOW, USE_ALIBI, PRECISION)  # fmt: skip
+    elif DECODE:  # one loop, every block masked (cheap for one position): its loads pipeline as one
         ahead = _table_entries(table, lo, hi, BLOCK_N, PAGE)
         for start in range(lo, hi, BLOCK_N):  # the table is read a block ahead: no lookup before the loads
             blocks = ahead
@@ -270,24 +304,24 @@ class TritonAttentionBackend:
         block_q, _ = tile_rows(self.group, decode_only)
         width = max(-(-s.context_len // block_size) for s in seqs)
         runs = whole_prompt_runs(seqs, FRESH_MIN_LEN)
-        fresh = {i for first, n, _ in runs for i in range(first, first + n)}
-        tables: list[int] = []
-        starts, lens, tiles, fresh_tiles = [0], [], [], []
-        for i, s in enumerate(seqs):
-            tables.extend(padded_table(s, width))
-            starts.append(starts[-1] + s.query_len)
-            lens.append(s.context_len)
-            (fresh_tiles if i in fresh else tiles).extend((i, t) for t in range(0, s.query_len, block_q))
-        kernel_tiles = len(tiles)
-        tiles += fresh_tiles
-        tile_seqs, tile_starts = [t[0] for t in tiles], [t[1] for t in tiles]
+        starts = list(accumulate((s.query_len for s in seqs), initial=0))
+        lens = [s.context_len for s in seqs]
+        if decode_only and not runs:  # tile i is sequence i (a host loop less in the commonest step)
+            tile_seqs, tile_starts = list(range(len(seqs))), [0] * len(seqs)
+            kernel_tiles = len(seqs)
+        else:
+            fresh = {i for first, n, _ in runs for i in range(first, first + n)}
+            tiles = [(i, t) for i, s in enumerate(seqs) if i not in fresh for t in range(0, s.query_len, block_q)]
+            kernel_tiles = len(tiles)
+            tiles += [(i, t) for i in sorted(fresh) for t in range(0, seqs[i].query_len, block_q)]
+            tile_seqs, tile_starts = [t[0] for t in tiles], [t[1] for t in tiles]
         dev = to_device(starts + lens + tile_seqs + tile_starts, torch.int32, device)
         n, t = len(seqs), len(tile_seqs)
         return TritonMetadata(
             slot_mapping=to_device(slot_mapping(seqs, block_size), torch.int64, device),
             seqs=seqs,
             block_size=block_size,
-            block_tables=to_device(tables, torch.int32, device).view(len(seqs), width),
+            block_tables=to_device(padded_tables(seqs, width), torch.int32, device).view(len(seqs), width),
             query_starts=dev[: n + 1],
             context_lens=dev[n + 1 : 2 * n + 1],
             tile_seqs=dev[2 * n + 1 : 2 * n + 1 + t],
@@ -324,12 +358,13 @@ class TritonAttentionBackend:
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """kv_cache [2, blocks, block_size, kv_heads, d]; k, v [tokens, kv_heads, d]; slot −1: skip."""
+    """kv_cache [2, blocks, kv_heads, block_size, d]; k, v [tokens, kv_heads, d]; slot −1: skip."""
+    assert kv_cache.is_contiguous()
     k, v = _rows(k), _rows(v)
-    width = kv_cache.shape[-2] * kv_cache.shape[-1]
+    _, _, kv_heads, page, head_dim = kv_cache.shape
     _write_kv_kernel[(k.shape[0],)](
         k, v, kv_cache, slots, k.stride(0), v.stride(0), kv_cache.stride(0),
-        WIDTH=width, WIDTH_PAD=triton.next_power_of_2(width),
+        HEAD_DIM=head_dim, WIDTH=kv_heads * head_dim, WIDTH_PAD=triton.next_power_of_2(kv_heads * head_dim), PAGE=page,
         CLAMP=448.0 if kv_cache.dtype == torch.float8_e4m3fn else 0.0,
     )  # fmt: skip
 
@@ -349,27 +384,49 @@ def paged_attention(
     first `tiles` query tiles of `meta` (−1: all)."""
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.is_contiguous()
     assert meta.tile_seqs is not None and meta.block_tables is not None
-    head_dim, kv_heads, page = kv_cache.shape[-1], kv_cache.shape[-2], kv_cache.shape[2]
+    _, _, kv_heads, page, head_dim = kv_cache.shape
     group_pad = triton.next_power_of_2(group)
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     decode = meta.decode_only and meta.block_q * group_pad <= ROWS_DECODE
     elements, warps, stages = DECODE_LAUNCH if decode else PREFILL_LAUNCH
     block_n = max(16, min(128, elements // max(head_dim, 16)))
+    tma = decode and _tma_fits(kv_cache, block_n)
+    if tma and fp8:
+        stages = FP8_TMA_DECODE_STAGES
+    kv_desc = _rows_descriptor(kv_cache, block_n) if tma else kv_cache
     alibi = alibi_slopes.to(device=q.device, dtype=torch.float32) if alibi_slopes is not None else q
     grid = (meta.tile_seqs.shape[0] if tiles < 0 else tiles, kv_heads)
     _paged_attention_kernel[grid](
-        q, out, kv_cache, alibi,
+        q, out, kv_cache, kv_desc, alibi,
         meta.block_tables, meta.context_lens, meta.query_starts, meta.tile_seqs, meta.tile_starts,
         scale, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), meta.block_tables.stride(0),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(3), kv_cache.stride(2), meta.block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=meta.block_q, BLOCK_N=block_n,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
         USE_WINDOW=sliding_window is not None, USE_ALIBI=alibi_slopes is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP16_DOTS=fp8 and q.dtype == torch.bfloat16,
-        DECODE=decode, num_warps=warps, num_stages=stages,
+        DECODE=decode, TMA=tma, KV_HEADS=kv_heads, num_warps=warps, num_stages=stages,
         **({"maxnreg": FP8_DECODE_MAX_REGISTERS} if decode and fp8 else {}),  # an option of CUDA's backend only
     )  # fmt: skip
+
+
+def _tma_fits(kv_cache: torch.Tensor, block_n: int) -> bool:
+    """Whether decode tiles read the cache through a TMA descriptor: on a Hopper or later GPU (or
+    Triton's interpreter), each tile's BLOCK_N keys within one cache block, rows of a power-of-two
+    head_dim that span a multiple of 16 bytes (TMA's alignment)."""
+    head_dim, row_bytes = kv_cache.shape[-1], kv_cache.shape[-1] * kv_cache.element_size()
+    if kv_cache.shape[3] % block_n or head_dim & (head_dim - 1) or row_bytes % 16 or head_dim > 256:
+        return False
+    if kv_cache.is_cuda:
+        return torch.cuda.get_device_capability(kv_cache.device)[0] >= 9
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _rows_descriptor(kv_cache: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """The cache as rows of head_dim (keys, then values), read `block_n` rows at a time."""
+    rows = kv_cache.view(-1, kv_cache.shape[-1])
+    return TensorDescriptor(rows, list(rows.shape), [rows.shape[1], 1], [block_n, rows.shape[1]])
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

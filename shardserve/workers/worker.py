@@ -25,7 +25,7 @@ from shardserve.models.arch import ArchConfig
 from shardserve.models.base import CausalLM, Stage
 from shardserve.models.quantization import quantize_linears, quantize_loaded
 from shardserve.models.registry import model_class
-from shardserve.workers.attention import AttentionBackend, TorchAttentionBackend
+from shardserve.workers.attention import AttentionBackend, TorchAttentionBackend, kv_cache_shape
 from shardserve.workers.memory import profile_plan, step_peak_bytes
 from shardserve.workers.model_runner import ModelRunner, StageLinks
 
@@ -228,7 +228,7 @@ class Worker:
 
         def kv_caches_of(blocks: int) -> list[torch.Tensor]:
             # Zeroed: padded block-table entries are read (and masked) by the reference backend.
-            shape = (2, blocks, cache.block_size, heads, arch.head_dim)
+            shape = kv_cache_shape(blocks, cache.block_size, heads, arch.head_dim)
             return [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(layers)]
 
         free = step_bytes = 0  # the largest step's activations are set aside before the cache is sized

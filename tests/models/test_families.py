@@ -15,7 +15,13 @@ import torch
 from shardserve.builder.checkpoint import open_checkpoint
 from shardserve.models.base import CausalLM, Stage
 from shardserve.models.registry import model_class
-from shardserve.workers.attention import AttentionMetadata, ForwardContext, SeqSpan, TorchAttentionBackend
+from shardserve.workers.attention import (
+    AttentionMetadata,
+    ForwardContext,
+    SeqSpan,
+    TorchAttentionBackend,
+    kv_cache_shape,
+)
 from tests.checkpoints import (
     Checkpoints,
     arch_of,
@@ -49,9 +55,7 @@ def test_prompt_logits_within_1e_4(checkpoints: dict[str, Checkpoints], family: 
 
 
 @pytest.mark.parametrize(("family", "variant"), VARIANTS, ids=ids(VARIANTS))
-def test_two_stage_split_covers_the_checkpoint(
-    checkpoints: dict[str, Checkpoints], family: str, variant: str
-) -> None:
+def test_two_stage_split_covers_the_checkpoint(checkpoints: dict[str, Checkpoints], family: str, variant: str) -> None:
     assert_two_stages_split_checkpoint(checkpoints[family](variant)[0])
 
 
@@ -74,7 +78,7 @@ def pipeline_logits(path: Path, bounds: tuple[int, ...], tokens: list[int]) -> t
     stage over its own paged KV cache. bounds (0, num_layers) is the whole model."""
     models = load_stages(path, bounds)
     arch = models[0].arch
-    shape = (2, max(BLOCK_TABLE) + 1, BLOCK_SIZE, arch.num_kv_heads, arch.head_dim)
+    shape = kv_cache_shape(max(BLOCK_TABLE) + 1, BLOCK_SIZE, arch.num_kv_heads, arch.head_dim)
     caches = [[torch.zeros(shape) for _ in range(m.stage.start, m.stage.end)] for m in models]
     backend, n, logits = TorchAttentionBackend(), len(tokens), []
     with torch.inference_mode():

@@ -15,7 +15,13 @@ import torch
 pytest.importorskip("triton")
 
 from shardserve.workers import triton_attention as ta  # noqa: E402
-from shardserve.workers.attention import AttentionMetadata, SeqSpan, TorchAttentionBackend, whole_prompt_runs  # noqa: E402
+from shardserve.workers.attention import (  # noqa: E402
+    AttentionMetadata,
+    SeqSpan,
+    TorchAttentionBackend,
+    kv_cache_shape,
+    whole_prompt_runs,
+)
 from shardserve.workers.triton_attention import TritonAttentionBackend  # noqa: E402
 from tests.triton_cpu import DEVICE  # noqa: E402
 
@@ -58,7 +64,7 @@ def run_both(
     qkv = rand(tokens, (heads + 2 * kv_heads) * head_dim)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k, v = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
-    cache = rand(2, num_blocks, block_size, kv_heads, head_dim)  # earlier tokens' keys and values
+    cache = rand(*kv_cache_shape(num_blocks, block_size, kv_heads, head_dim))  # earlier tokens' keys and values
     slopes = torch.linspace(0.5, 0.01, heads) if alibi else None
     scale = head_dim**-0.5
 
@@ -98,27 +104,51 @@ def test_mixed_steps_match_reference(heads: int, kv_heads: int, head_dim: int, b
     check(*run_both(MIXED, heads, kv_heads, head_dim, block_size, torch.float32))
 
 
+def spy_launches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
+    """(DECODE, TMA) of every launch of the attention kernel from now on."""
+    launched: list[tuple[bool, bool]] = []
+    kernel = ta._paged_attention_kernel
+
+    class Spy:
+        def __getitem__(self, grid: tuple[int, ...]):  # noqa: ANN204
+            def launch(*args, **kwargs):  # noqa: ANN202
+                launched.append((kwargs["DECODE"], kwargs["TMA"]))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(ta, "_paged_attention_kernel", Spy())
+    return launched
+
+
+DECODES = [(n, 1) for n in (0, 1, 15, 16, 17, 31, 32, 33, 50, 99, 130)]
+
+
 @pytest.mark.parametrize(("window", "alibi"), [(None, False), (1, False), (13, False), (16, False), (40, True)])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(8, 2), (6, 1)])
 def test_pure_decode_step_matches_reference(
     monkeypatch: pytest.MonkeyPatch, window: int | None, alibi: bool, heads: int, kv_heads: int
 ) -> None:
     """A decode-only step takes the kernel's decode path (tile i is sequence i, one loop of blocks
-    masked for the one query position), here over several blocks of 16 keys."""
-    monkeypatch.setattr(ta, "DECODE_LAUNCH", (16 * 32, 4, 2))  # 16 keys a block at head_dim 32
-    launched = []
-    kernel = ta._paged_attention_kernel
-
-    class Spy:
-        def __getitem__(self, grid: tuple[int, ...]):  # noqa: ANN204
-            return lambda *args, **kwargs: launched.append(kwargs["DECODE"]) or kernel[grid](*args, **kwargs)
-
-    monkeypatch.setattr(ta, "_paged_attention_kernel", Spy())
-    kinds = [(n, 1) for n in (0, 1, 15, 16, 17, 31, 32, 33, 50, 99, 130)]
-    check(*run_both(kinds, heads, kv_heads, 32, 8, torch.float32, window=window, alibi=alibi, seed=1))
-    assert launched and all(launched)
+    masked for the one query position), here over tiles of 16 keys in cache blocks of 8."""
+    monkeypatch.setattr(ta, "DECODE_LAUNCH", (16 * 32, 4, 2))  # 16 keys a tile at head_dim 32
+    launched = spy_launches(monkeypatch)
+    check(*run_both(DECODES, heads, kv_heads, 32, 8, torch.float32, window=window, alibi=alibi, seed=1))
+    assert launched and all(decode and not tma for decode, tma in launched)  # a tile spans two blocks
     run_both(MIXED, heads, kv_heads, 32, 8, torch.float32, window=window, alibi=alibi, seed=1)
-    assert not launched[-1]  # a step with prefill chunks takes the other path
+    assert not launched[-1][0]  # a step with prefill chunks takes the other path
+
+
+@pytest.mark.parametrize(("window", "alibi", "block_size"), [(None, False, 16), (13, False, 32), (40, True, 16)])
+def test_decode_tiles_within_a_cache_block_read_it_by_tma(
+    monkeypatch: pytest.MonkeyPatch, window: int | None, alibi: bool, block_size: int
+) -> None:
+    """Tiles of 16 keys inside cache blocks of 16 or 32: each tile's keys and values are one bulk
+    copy through a tensor descriptor (TMA on a GPU; Triton's interpreter on a CPU)."""
+    monkeypatch.setattr(ta, "DECODE_LAUNCH", (16 * 32, 4, 2))
+    launched = spy_launches(monkeypatch)
+    check(*run_both(DECODES, 8, 2, 32, block_size, torch.float32, window=window, alibi=alibi, seed=8))
+    assert launched and all(decode and tma for decode, tma in launched)
 
 
 def test_a_decode_step_with_fresh_runs_takes_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,20 +170,23 @@ def test_alibi_matches_reference() -> None:
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("block_size", [32, 64])  # decode tiles of 64 keys: two blocks, or one by TMA
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_long_contexts(dtype: torch.dtype) -> None:
+def test_half_precision_long_contexts(dtype: torch.dtype, block_size: int) -> None:
     kinds = [(1000, 1), (2047, 1), (0, 700), (300, 129), (4000, 1)]
-    check(*run_both(kinds, 32, 8, 128, 32, dtype, seed=4))
+    check(*run_both(kinds, 32, 8, 128, block_size, dtype, seed=4))
+    check(*run_both([(n, 1) for n in (0, 63, 64, 65, 1000, 4000)], 32, 8, 128, block_size, dtype, seed=4))
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("block_size", [32, 64])
 @pytest.mark.parametrize(
     "kinds",
     [[(500, 1), (0, 300), (120, 77), (33, 1)], [(n, 1) for n in (0, 5, 200, 255, 256, 1500)]],
     ids=["mixed", "decode"],
 )
-def test_fp8_kv_cache_matches_reference_on_rounded_values(kinds: list[tuple[int, int]]) -> None:
-    check(*run_both(kinds, 32, 8, 128, 32, torch.bfloat16, seed=5, kv_dtype=torch.float8_e4m3fn))
+def test_fp8_kv_cache_matches_reference_on_rounded_values(kinds: list[tuple[int, int]], block_size: int) -> None:
+    check(*run_both(kinds, 32, 8, 128, block_size, torch.bfloat16, seed=5, kv_dtype=torch.float8_e4m3fn))
 
 
 FRESH = [(0, 9), (0, 9), (37, 1), (0, 9), (0, 12), (0, 12), (33, 40), (0, 3), (64, 7)]  # runs of whole prompts
@@ -202,10 +235,10 @@ def test_step_compositions_reuse_the_compiled_kernels() -> None:
 def test_skipped_slots_leave_the_cache_alone() -> None:
     from shardserve.workers.triton_attention import write_kv
 
-    cache = torch.zeros(2, 3, 4, 2, 8, device=DEVICE)
+    cache = torch.zeros(kv_cache_shape(3, 4, 2, 8), device=DEVICE)  # 3 blocks of 4 slots, 2 heads
     k = torch.ones(3, 2, 8, device=DEVICE)
     write_kv(cache, k, 2 * k, torch.tensor([5, -1, 0], device=DEVICE))
-    flat = cache.flatten(1, 2)
+    flat = cache.transpose(2, 3).reshape(2, 12, 2, 8)  # [2, slots, heads, d]
     assert flat[0, 5].eq(1).all() and flat[1, 5].eq(2).all() and flat[0, 0].eq(1).all()
     assert flat[:, [1, 2, 3, 4, 6, 7, 8, 9, 10, 11]].eq(0).all()
 
