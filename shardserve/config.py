@@ -67,6 +67,12 @@ class SchedulerConfig(_Section):
         description="a single rank keeps two plans in flight (the next prepared while this one runs, its decodes "
         "one token ahead, their ids taken on the device); None: on GPUs",
     )
+    gc_gen0_threshold: int | None = Field(
+        50_000,
+        ge=1,
+        description="Python's generation-0 GC threshold in an engine's process (TensorRT-LLM's "
+        "garbage_collection_gen0_threshold): each step's plan objects otherwise set off collections; None: Python's",
+    )
 
 
 class CommBackend(str, enum.Enum):

@@ -64,7 +64,7 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._aborted: list[RequestOutput] = []
         self._ids = itertools.count()
-        freeze_startup_heap()
+        freeze_startup_heap(config.scheduler.gc_gen0_threshold)
 
     @classmethod
     def from_model(cls, path: str | Path | None = None, **sections: dict[str, Any]) -> LLMEngine:
@@ -239,13 +239,19 @@ class LLM:
         return [final[i] for i in ids]
 
 
-def freeze_startup_heap() -> None:
+def freeze_startup_heap(gen0_threshold: int | None = None) -> None:
     """Take what start-up left alive (model, CUDA graphs, block pool, tokenizer) out of the cyclic
     garbage collector's scans: a full collection walked all of it, 0.28 s at a time on the host loop
     of 2,048 requests (benchmarks/README.md), while the GPU waited. These objects are still freed
-    by reference counting (an engine holds no cycles), as vLLM's engine core does after start-up."""
+    by reference counting (an engine holds no cycles), as vLLM's engine core does after start-up.
+    `gen0_threshold` (`scheduler.gc_gen0_threshold`): a step's plan objects live two steps, long
+    enough to be promoted, so at Python's 700 they set off ~3,400 collections in a 9 s run of 2,048
+    requests (2.2 s of it on an H100's host; 50,000: 54 against ~150 ms of GPU idle before decode
+    steps, benchmarks/README.md session 10)."""
     gc.collect()
     gc.freeze()
+    if gen0_threshold is not None:
+        gc.set_threshold(gen0_threshold, *gc.get_threshold()[1:])
 
 
 def _eos_token_ids(checkpoint: Checkpoint, arch: ArchConfig, tokenizer: Any) -> frozenset[int]:

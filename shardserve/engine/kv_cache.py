@@ -170,6 +170,18 @@ class KVCacheManager:
         tokens fill completely in the prefix cache (their contents are fixed by the tokens), as far
         as the tokens are known (a request scheduled ahead has one the host has not seen yet).
         """
+        has_room = req.num_computed_tokens + num_new_tokens <= len(req.block_ids) * self.block_size
+        if prefix is None and req.block_ids and has_room:
+            new_ids: list[int] = []  # a running request's common step (a decode needs a block every block_size)
+        else:
+            new_ids = self._add_blocks(req, num_new_tokens, prefix)
+        if self.enable_prefix_caching:
+            total = req.num_computed_tokens + num_new_tokens  # (the prefix hit included)
+            self._cache_full_blocks(req, min(total, req.num_tokens) // self.block_size)
+        return new_ids
+
+    def _add_blocks(self, req: Request, num_new_tokens: int, prefix: CachedPrefix | None) -> list[int]:
+        """Append the prefix hit's blocks and free ones for `num_new_tokens` more tokens; returns them."""
         if not self.can_allocate(req, num_new_tokens, prefix):
             raise NoFreeBlocksError(f"request {req.request_id}: no room for {num_new_tokens} tokens")
         new_ids: list[int] = []
@@ -180,13 +192,10 @@ class KVCacheManager:
             self.pool.touch(prefix.block_ids)
             new_ids.extend(prefix.block_ids)
             req.num_computed_tokens += prefix.num_tokens
-        total = req.num_computed_tokens + num_new_tokens
-        missing = self.blocks_needed(total) - len(req.block_ids) - len(new_ids)
+        missing = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_ids) - len(new_ids)
         if missing > 0:
             new_ids.extend(self.pool.allocate(missing))
         req.block_ids.extend(new_ids)
-        if self.enable_prefix_caching:
-            self._cache_full_blocks(req, min(total, req.num_tokens) // self.block_size)
         return new_ids
 
     def free(self, req: Request) -> None:

@@ -53,6 +53,8 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset = len(self.tokens)
 
     def delta(self, finished: bool) -> str:
+        if self.num_sent == len(self.text):
+            return ""  # nothing new (always so without a tokenizer)
         end = len(self.text) if finished else max(self.num_sent, len(self.text) - self.holdback)
         out = self.text[self.num_sent : end]
         self.num_sent = end

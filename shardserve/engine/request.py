@@ -98,9 +98,10 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Request:
-    """One generation request on the leader."""
+    """One generation request on the leader. Compared by identity, so that removing one from the
+    scheduler's queues compares no fields."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -149,9 +150,8 @@ class Request:
     @property
     def max_tokens_left(self) -> int:
         """How many more tokens this request may still produce."""
-        by_params = self.params.max_tokens - self.num_output_tokens
-        by_model = self.max_total_tokens - self.num_tokens
-        return max(0, min(by_params, by_model))
+        by_model = self.max_total_tokens - len(self.prompt_token_ids)
+        return max(0, min(self.params.max_tokens, by_model) - len(self.output_token_ids))
 
     @property
     def max_final_tokens(self) -> int:

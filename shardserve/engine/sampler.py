@@ -129,7 +129,7 @@ def banned_token_ids(row: SamplingRow) -> list[int]:
         prefix = list(seq[:-1])
         if not prefix or row.token_ids[-len(prefix) :] == prefix:
             banned.append(seq[-1])
-    if row.num_output_tokens < row.params.min_tokens:
+    if row.params.min_tokens and row.num_output_tokens < row.params.min_tokens:
         banned.extend(row.eos_token_ids)
         banned.extend(row.params.stop_token_ids)
     return banned

@@ -126,21 +126,22 @@ class Scheduler:
 
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Apply a step's result; returns the requests that got a token (some now finished)."""
+        owners = self._in_flight.pop(plan.step_id, None)  # the plan's requests, in its batch order
+        if owners is None:
+            return []  # an empty plan
         touched: list[Request] = []
-        owners = {r.request_id: r for r in self._in_flight.pop(plan.step_id, [])}
-        for request_id, n in plan.num_scheduled_tokens.items():
-            req = owners.get(request_id)
-            if req is not None:
-                req.in_flight -= 1
-            if req is None or self.requests.get(request_id) is not req:
+        sampled, logprobs = result.sampled_token_ids, result.logprobs
+        for req, (request_id, n) in zip(owners, plan.num_scheduled_tokens.items(), strict=True):
+            req.in_flight -= 1
+            if self.requests.get(request_id) is not req:
                 continue  # aborted while the step ran (its id may already name a new request)
             req.num_computed_tokens += n
-            token = result.sampled_token_ids.get(request_id)
+            token = sampled.get(request_id)
             if token is None:
                 continue
             req.output_token_ids.append(token)
-            if request_id in result.logprobs:
-                req.output_logprobs.append(result.logprobs[request_id])
+            if request_id in logprobs:
+                req.output_logprobs.append(logprobs[request_id])
             touched.append(req)
             reason = self._stop_reason(req, token)
             if reason is not None:
@@ -165,15 +166,17 @@ class Scheduler:
                     continue  # still in the pipeline
                 pending = 1
             n = 1 if pending else min(req.num_tokens - req.num_computed_tokens, budget)
-            fits, given_back, preempting = self._make_room(req, pending + n, scheduled, ahead, held)
-            budget += given_back
-            short |= preempting
-            if fits:
-                self.kv_cache.allocate(req, pending + n)
-                scheduled[req.request_id] = n
-                budget -= n
-                if pending:
-                    ahead.add(req.request_id)
+            if not self.kv_cache.can_allocate(req, pending + n):  # (a decode mostly has room in its last block)
+                fits, given_back, preempting = self._make_room(req, pending + n, scheduled, ahead, held)
+                budget += given_back
+                short |= preempting
+                if not fits:
+                    continue
+            self.kv_cache.allocate(req, pending + n)
+            scheduled[req.request_id] = n
+            budget -= n
+            if pending:
+                ahead.add(req.request_id)
         return budget, short
 
     def _make_room(
@@ -246,8 +249,7 @@ class Scheduler:
         self._enqueue(req)
 
     def _enqueue(self, req: Request) -> None:
-        keys = [(-r.priority, r.arrival) for r in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, (-req.priority, req.arrival)), req)
+        bisect.insort(self.waiting, req, key=_queue_order)
 
     def _forget_sent(self, req: Request) -> None:
         if self._sent.pop(req.request_id, None) is not None:
@@ -258,22 +260,21 @@ class Scheduler:
         cached: list[CachedRequestData] = []
         for request_id in scheduled:
             req = self.requests[request_id]
+            num_tokens, num_blocks = req.num_tokens, len(req.block_ids)
             sent = self._sent.get(request_id)
             if sent is None:
                 new.append(_new_request_data(req))
-            else:
-                cached.append(
-                    CachedRequestData(
-                        request_id,
-                        req.tokens_from(sent.num_tokens),
-                        req.block_ids[sent.num_blocks :],
-                        req.num_computed_tokens + (request_id in ahead),  # + the token its plan in flight computes
-                    )
+                self._sent[request_id] = _Sent(num_tokens, num_blocks)
+                continue
+            cached.append(
+                CachedRequestData(
+                    request_id,
+                    req.tokens_from(sent.num_tokens),
+                    req.block_ids[sent.num_blocks :],
+                    req.num_computed_tokens + (request_id in ahead),  # + the token its plan in flight computes
                 )
-            if sent is None:
-                self._sent[request_id] = _Sent(req.num_tokens, len(req.block_ids))
-            else:
-                sent.num_tokens, sent.num_blocks = req.num_tokens, len(req.block_ids)
+            )
+            sent.num_tokens, sent.num_blocks = num_tokens, num_blocks
         finished, self._finished_ids = self._finished_ids, []
         return StepPlan(self._step_id, new, cached, scheduled, finished)
 
@@ -285,6 +286,11 @@ class Scheduler:
         if req.max_tokens_left == 0:
             return FinishReason.LENGTH
         return None
+
+
+def _queue_order(req: Request) -> tuple[int, int]:
+    """Waiting requests' order: higher priority first, then earlier arrival."""
+    return -req.priority, req.arrival
 
 
 def _can_run_ahead(req: Request) -> bool:

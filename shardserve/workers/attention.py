@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (not frozen: one a sequence a step, and a frozen __init__ costs 3 times as much)
 class SeqSpan:
     query_start: int  # offset of this sequence's tokens in the flat batch
     query_len: int

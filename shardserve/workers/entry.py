@@ -120,7 +120,7 @@ def run_rank(config: DeploymentConfig, world: Any) -> None:
     arch = parse_arch(checkpoint.config)
     max_len = max_model_len(checkpoint, arch, config)
     worker = Worker(checkpoint, arch, config.model, config.cache, config.scheduler, max_len, world)
-    freeze_startup_heap()
+    freeze_startup_heap(config.scheduler.gc_gen0_threshold)
     follow(worker, world)
 
 

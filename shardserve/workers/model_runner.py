@@ -13,7 +13,7 @@ told this rank, and that token's id is copied from there on the device, never th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,11 +38,12 @@ class _RequestState:
     bad_words_ids: tuple[tuple[int, ...], ...]
     block_ids: list[int]
     num_computed_tokens: int
+    # its sampling rows with 0 and 1 outputs pending, made once: they read `token_ids`, which only grows in place
+    rows: tuple[SamplingRow, SamplingRow] = field(init=False)
 
-    def row(self, num_pending: int) -> SamplingRow:
-        return SamplingRow(
-            self.params, self.token_ids, self.num_prompt_tokens, self.eos_token_ids, self.bad_words_ids, num_pending
-        )
+    def __post_init__(self) -> None:
+        row = SamplingRow(self.params, self.token_ids, self.num_prompt_tokens, self.eos_token_ids, self.bad_words_ids)
+        self.rows = (row, replace(row, num_pending=1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +191,7 @@ class ModelRunner:
     def _sample(self, plan: StepPlan, batch: _Batch, logits: torch.Tensor) -> Launched:
         if not batch.sample_ids:
             return Launched(StepResult(plan.step_id))
-        rows = [self.requests[r].row(int(r in batch.ahead_ids)) for r in batch.sample_ids]
+        rows = [self.requests[r].rows[int(r in batch.ahead_ids)] for r in batch.sample_ids]
         tokens = self.sampler.device_tokens(logits, rows) if self.device.type == "cuda" else None
         if tokens is not None:  # copy to pinned host memory behind the step's kernels; `finish` waits
             self._sampled = (batch.sample_ids, tokens)

@@ -4,6 +4,7 @@ features that need the whole engine (stop words, bad words, seeds across batch m
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import pytest
@@ -135,6 +136,21 @@ def test_bad_requests_are_refused_and_others_unaffected(llama, prompt, params, m
 def test_bad_sampling_params(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("threshold", [12_345, None])
+def test_engine_sets_its_process_gc_threshold(llama, threshold: int | None) -> None:
+    """`scheduler.gc_gen0_threshold` is the process's generation-0 threshold once an engine
+    started (None leaves it), and the engine still runs to the same tokens."""
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, *before[1:])
+        engine = make_engine(llama[0], scheduler={"gc_gen0_threshold": threshold})
+        assert gc.get_threshold() == ((threshold or 700), *before[1:])
+        engine.add_request([5, 6, 7], GREEDY)
+        assert len(run(engine)) == 1
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_model_length_caps_output(llama) -> None:

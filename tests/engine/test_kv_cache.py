@@ -127,6 +127,17 @@ def test_block_table_grows_only_at_block_boundaries() -> None:
     assert req.block_ids == [] and kv.num_free_blocks == 8 and kv.usage == 0.0
 
 
+def test_a_decode_that_fills_its_block_registers_it_without_new_blocks() -> None:
+    kv = KVCacheManager(8, BLOCK_SIZE)
+    req = computed_request(kv, "a", range(BLOCK_SIZE + 2))  # a full block and half of one
+    assert req.num_registered_blocks == 1
+    for token in range(50, 50 + BLOCK_SIZE - 2):
+        req.output_token_ids.append(token)
+        assert compute(kv, req, 1) == []
+    assert req.num_registered_blocks == 2 and kv.num_free_blocks == 6
+    assert kv.pool.lookup(req.block_hashes[1]) == req.block_ids[1]
+
+
 def test_allocate_without_room_raises_and_changes_nothing() -> None:
     kv = KVCacheManager(2, BLOCK_SIZE)
     req = make_request("a", range(9))

@@ -1,4 +1,5 @@
-"""SamplingParams: normalization of list-ish fields and validation with clear messages."""
+"""SamplingParams: normalization of list-ish fields and validation with clear messages; Request's
+derived counts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from shardserve.engine.request import InvalidRequestError, SamplingParams
+from shardserve.engine.request import InvalidRequestError, Request, SamplingParams
 
 
 def test_defaults_are_valid() -> None:
@@ -102,3 +103,23 @@ def test_boundary_values_are_accepted(kwargs: dict[str, Any]) -> None:
 def test_nan_is_rejected(field: str) -> None:
     with pytest.raises(InvalidRequestError, match=field):
         SamplingParams(**{field: math.nan})
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "max_total_tokens", "num_outputs", "left"),
+    [(5, 100, 0, 5), (5, 100, 3, 2), (5, 100, 5, 0), (50, 12, 0, 8), (50, 12, 6, 2), (50, 12, 8, 0), (50, 12, 9, 0)],
+)
+def test_max_tokens_left_is_the_lesser_of_params_and_model_length(
+    max_tokens: int, max_total_tokens: int, num_outputs: int, left: int
+) -> None:
+    req = Request("a", [1, 2, 3, 4], SamplingParams(max_tokens=max_tokens), frozenset(), max_total_tokens)
+    req.output_token_ids.extend(range(num_outputs))
+    assert req.max_tokens_left == left
+
+
+def test_requests_compare_by_identity() -> None:
+    a, b = (Request("a", [1], SamplingParams(), frozenset(), 16) for _ in range(2))
+    assert a == a and a != b
+    queue = [a, b]
+    queue.remove(b)
+    assert queue[0] is a and len(queue) == 1

@@ -506,6 +506,15 @@ def test_higher_priority_is_admitted_first_ties_by_arrival() -> None:
     assert [list(p.num_scheduled_tokens) for p in plans] == [["high1"], ["high2"], ["mid"], ["low"], ["low2"]]
 
 
+def test_waiting_queue_is_ordered_by_priority_then_arrival() -> None:
+    rng = random.Random(0)
+    scheduler = Scheduler(SchedulerConfig(), KVCacheManager(4, BLOCK_SIZE))
+    reqs = [make_request(f"r{i}", [5], priority=rng.randrange(3), arrival=rng.randrange(40)) for i in range(200)]
+    for req in reqs:
+        scheduler.add(req)
+    assert scheduler.waiting == sorted(reqs, key=lambda r: (-r.priority, r.arrival))  # ties: in the order added
+
+
 def test_late_high_priority_request_overtakes_waiting_ones() -> None:
     d = Driver(max_num_sequences=1)
     d.add("first", max_tokens=2)
