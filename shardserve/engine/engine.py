@@ -246,8 +246,8 @@ def freeze_startup_heap(gen0_threshold: int | None = None) -> None:
     by reference counting (an engine holds no cycles), as vLLM's engine core does after start-up.
     `gen0_threshold` (`scheduler.gc_gen0_threshold`): a step's plan objects live two steps, long
     enough to be promoted, so at Python's 700 they set off ~3,400 collections in a 9 s run of 2,048
-    requests (2.2 s of it on an H100's host; 50,000: 54 against ~150 ms of GPU idle before decode
-    steps, benchmarks/README.md session 10)."""
+    requests (2.2 s of it on an H100's host; thresholds (50,000, 20, 10): 54 against ~150 ms of GPU
+    idle before decode steps, benchmarks/README.md session 10)."""
     gc.collect()
     gc.freeze()
     if gen0_threshold is not None:
