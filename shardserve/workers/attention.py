@@ -288,9 +288,10 @@ def kv_cache_shape(num_blocks: int, block_size: int, kv_heads: int, head_dim: in
 
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """cache [blocks, kv_heads, block_size, d], ids [k] -> [kv_heads, k · block_size, d]: each
-    head's keys (or values) of those blocks in order (one copy)."""
+    head's keys (or values) of those blocks in order (whole-block row copies, then the heads first:
+    index_select along dim 1 of the transposed cache copied all of it first)."""
     heads, block_size, d = cache.shape[1:]
-    return torch.index_select(cache.transpose(0, 1), 1, block_ids).view(heads, -1, d)
+    return torch.index_select(cache, 0, block_ids).transpose(0, 1).reshape(heads, -1, d)  # (rows, then heads first)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
