@@ -170,8 +170,7 @@ class KVCacheManager:
         tokens fill completely in the prefix cache (their contents are fixed by the tokens), as far
         as the tokens are known (a request scheduled ahead has one the host has not seen yet).
         """
-        has_room = req.num_computed_tokens + num_new_tokens <= len(req.block_ids) * self.block_size
-        if prefix is None and req.block_ids and has_room:
+        if prefix is None and req.block_ids and not self.num_new_blocks(req, num_new_tokens):
             new_ids: list[int] = []  # a running request's common step (a decode needs a block every block_size)
         else:
             new_ids = self._add_blocks(req, num_new_tokens, prefix)
