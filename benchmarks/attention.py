@@ -6,7 +6,9 @@
 
 Cases: a prefill step of 4 sequences × 2048 new tokens (causal, empty cache: what a 2048-token
 prompt costs), decode steps of 256 sequences × 256 cached tokens and 64 × 2048. Prints ms per call
-and TFLOP/s (causal prefill counts half the score matrix). `--sweep` times every tile launch
+and TFLOP/s (causal prefill counts half the score matrix) of SDPA's FlashAttention and cuDNN
+kernels on contiguous keys, the paged kernel, and for whole prompts the whole-prompt kernel (what
+the engine runs for a prompt with no cached prefix). `--sweep` times every tile launch
 (rows per prefill tile, key elements per block, warps, stages) for the prefill case and the
 decode cases, to choose `ROWS_PREFILL`, `PREFILL_LAUNCH` and `DECODE_LAUNCH`.
 `--kv-cache-dtype fp8` gives the paged kernel an fp8 (e4m3) cache (SDPA keeps bf16);
@@ -22,6 +24,7 @@ import sys
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from shardserve.workers import triton_attention as ta
 from shardserve.workers.attention import SeqSpan, kv_cache_shape
@@ -58,11 +61,26 @@ def run_triton(case: dict[str, Any], args: argparse.Namespace) -> Any:
     return lambda: ta.paged_attention(case["q"], out, cache, meta, args.head_dim**-0.5, group)
 
 
-def run_sdpa(case: dict[str, Any], args: argparse.Namespace) -> Any:
+def run_prompts(case: dict[str, Any], args: argparse.Namespace) -> Any:
+    """The whole-prompt kernel over the case's prompts (their keys and values as the step's own rows)."""
+    k, v = (case[x].transpose(1, 2).reshape(-1, args.kv_heads, args.head_dim) for x in ("k", "v"))
+    tiles = ta.prompt_tiles(case["spans"], ta.PROMPT_LAUNCH[0])
+    tiles_dev = torch.tensor(tiles, dtype=torch.int32, device="cuda").view(3, -1)
+    out = torch.empty_like(case["q"])
+    group = args.heads // args.kv_heads
+    return lambda: ta.prompt_attention(case["q"], k, v, out, tiles_dev, args.head_dim**-0.5, group)
+
+
+def run_sdpa(case: dict[str, Any], args: argparse.Namespace, backend: SDPBackend) -> Any:
     q = case["q"].view(case["seqs"], case["q_len"], args.heads, args.head_dim).transpose(1, 2)
     causal = case["q_len"] > 1
     fn = torch.nn.functional.scaled_dot_product_attention
-    return lambda: fn(q, case["k"], case["v"], is_causal=causal, enable_gqa=True)
+
+    def call() -> None:
+        with sdpa_kernel([backend]):
+            fn(q, case["k"], case["v"], is_causal=causal, enable_gqa=True)
+
+    return call
 
 
 def timed(fn: Any, repeats: int = 20) -> float:
@@ -101,8 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     cases = {c.split("=")[0]: tuple(int(x) for x in c.split("=")[1].split(",")) for c in args.case} or CASES
     for name, shape in cases.items():
         case = make_case(*shape, args)
-        rows.append(row(name, "sdpa (flash, unpaged)", timed(run_sdpa(case, args)), case, args))
+        for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            try:
+                rows.append(row(name, f"sdpa ({label}, unpaged)", timed(run_sdpa(case, args, backend)), case, args))
+            except RuntimeError as exc:  # a backend that does not take the shape
+                print(f"{name}: sdpa {label}: {exc}", file=sys.stderr)
         rows.append(row(name, "triton paged (current)", timed(run_triton(case, args)), case, args))
+        if case["q_len"] == case["context"] > 1:  # whole prompts: what the engine runs for them
+            rows.append(row(name, "triton whole-prompt kernel", timed(run_prompts(case, args)), case, args))
         if args.sweep:
             rows += sweep(name, case, args)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}

@@ -23,14 +23,19 @@ rows of a captured CUDA graph). An fp8 (e4m3) cache (`cache.kv_cache_dtype: fp8`
 saturated to ±448 without a scale; the attention kernel reads them back as float16 (one conversion
 instruction where bfloat16 takes three: 4 × 2048 prefill 0.527 against 0.705 ms, 512 decodes of
 1,500 keys 0.642 against 1.091 ms on an H100) and multiplies in float16 against the query rounded to it.
-Whole prompts (no cached prefix, no window or ALiBi, a cache in the query's dtype) skip the
-paged kernel: a run of them of one length, consecutive in the step, is one causal
-`scaled_dot_product_attention` over the step's own keys and values, viewed in place, through
-FlashAttention (`attention.PROMPT_BACKENDS`). cuDNN's fused attention is faster once built (4 × 2048
-tokens: 0.269 against 0.481 ms on an H100) but builds a graph for every new (prompts, length)
-shape, 37-58 ms each and ~1 s for the first (benchmarks/README.md). The metadata lists the other
-sequences' tiles first, so the kernel's grid covers them alone, or every tile when the layer needs
-the kernel's masks.
+Whole prompts of at least `FRESH_MIN_LEN` tokens (no cached prefix, no window or ALiBi, a cache
+in the query's dtype, a power-of-two head_dim) skip the paged kernel: their keys and values are
+this step's own k, v (views of the fused projection), which `_prompt_attention_kernel` reads
+without a block table. A program takes `BLOCK_M` query tokens of one prompt and one query head
+(the metadata's `prompt_tiles`, the most keys first so that short tiles fill the tail), the keys
+before its first position unmasked and the diagonal masked; on a Hopper GPU each `BLOCK_N` rows
+of keys and of values are one TMA copy through a tensor descriptor over k, v as rows of
+kv_heads × head_dim. H100, Llama-8B heads, bf16 (benchmarks/README.md, session 11): 4 prompts of
+2,048 tokens 0.322-0.335 ms (411-427 TFLOP/s) against 0.671 ms for FlashAttention through SDPA on
+the same views, which whole prompts took before, and 0.27-0.34 ms for cuDNN's (which builds a
+graph for every new shape, 37-58 ms each). The metadata lists the other sequences' paged tiles
+first, so the paged kernel's grid covers them alone, or every tile when the layer needs the paged
+kernel's masks.
 
 `TritonAttentionBackend` is checked against the torch reference backend
 (tests/workers/test_triton_attention.py); on a CPU the same kernels run in Triton's interpreter
@@ -51,11 +56,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from shardserve.workers.attention import (
     AttentionMetadata,
     SeqSpan,
-    attend_whole_prompts,
     padded_tables,
     slot_mapping,
     to_device,
-    whole_prompt_runs,
 )
 
 ROWS_PREFILL = 64  # rows (tokens × grouped heads) of a tile when the step has prefill chunks
@@ -72,7 +75,13 @@ FP8_DECODE_MAX_REGISTERS = 128
 # an fp8 cache's decode tiles read through TMA pipeline this many blocks (H100, 512 decodes of 1,560
 # keys: 0.573 ms at 5 stages, 0.610 at 3; a bf16 cache, twice the bytes a block: 3 stages as before)
 FP8_TMA_DECODE_STAGES = 5
-FRESH_MIN_LEN = 256  # whole prompts at least this long go to SDPA (shorter ones: the kernel is as fast)
+# whole prompts at least this long take the prompt kernel; shorter ones the paged kernel, whose tiles
+# share each key between a KV head's query heads (H100, ms: 1 × 2048 0.121 against 0.136 paged,
+# 8 × 512 0.106 against 0.098, 16 × 256 0.100 against 0.084; benchmarks/README.md, session 11)
+FRESH_MIN_LEN = 1024
+# whole prompts: (BLOCK_M query tokens, BLOCK_N keys a step, num_warps, num_stages), the fastest of a
+# sweep on an H100 (4 × 2048, 3 × 2048 + 1856, 1 × 2048, 500 + 700 + 1200 tokens; session 11)
+PROMPT_LAUNCH = (64, 64, 4, 3)
 
 
 @triton.jit
@@ -271,6 +280,70 @@ def _paged_attention_kernel(
     )
 
 
+@triton.jit
+def _prompt_keys(
+    k_desc, v_desc, k_base, v_base, first, start, hi, kv_head, stride_kt, stride_vt,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """A whole prompt's keys and values at positions [start, start + BLOCK_N) (rows first + those
+    of k, v); rows at or past hi are masked by the caller (TMA reads the next prompt's or zeros)."""
+    if TMA:
+        k = k_desc.load([first + start, kv_head * HEAD_DIM])
+        v = v_desc.load([first + start, kv_head * HEAD_DIM])
+    else:
+        keys = start + tl.arange(0, BLOCK_N)
+        rows = (first + keys).to(tl.int64)[:, None]
+        k = tl.load(k_base + rows * stride_kt, mask=(keys < hi)[:, None], other=0.0)
+        v = tl.load(v_base + rows * stride_vt, mask=(keys < hi)[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit(do_not_specialize_on_alignment=["tile_firsts_ptr", "tile_lens_ptr", "tile_starts_ptr"])
+def _prompt_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, k_desc, v_desc, tile_firsts_ptr, tile_lens_ptr, tile_starts_ptr, scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """Causal attention of BLOCK_M query tokens of one whole prompt (one query head) over the
+    prompt's own keys and values, rows [first, first + length) of k and v."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    first = tl.load(tile_firsts_ptr + tile)  # the prompt's first token in the step
+    length = tl.load(tile_lens_ptr + tile)
+    tile_start = tl.load(tile_starts_ptr + tile)  # the tile's first position in the prompt
+    q_pos = tile_start + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = q_pos < length
+    q_rows = (first + q_pos).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+    qk_scale = scale * LOG2E
+    unused = tl.zeros([BLOCK_M], tl.float32)  # (`_softmax_step`'s ALiBi slopes)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    hi = tl.minimum(length, tile_start + BLOCK_M)
+    k_base = k_ptr + kv_head * stride_kh + dims[None, :]
+    v_base = v_ptr + kv_head * stride_vh + dims[None, :]
+    for start in range(0, tile_start, BLOCK_N):  # keys before the tile's first position: no mask
+        k, v = _prompt_keys(k_desc, v_desc, k_base, v_base, first, start, hi, kv_head, stride_kt, stride_vt,
+                            BLOCK_N, HEAD_DIM, TMA)  # fmt: skip
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, start, hi, q_pos, 0, unused, qk_scale,
+                                      BLOCK_N, NO_MASK, False, False, PRECISION)  # fmt: skip
+    for start in range(tile_start, hi, BLOCK_N):  # the diagonal
+        k, v = _prompt_keys(k_desc, v_desc, k_base, v_base, first, start, hi, kv_head, stride_kt, stride_vt,
+                            BLOCK_N, HEAD_DIM, TMA)  # fmt: skip
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, start, hi, q_pos, 0, unused, qk_scale,
+                                      BLOCK_N, PER_ROW, False, False, PRECISION)  # fmt: skip
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(
+        out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
 @dataclass(slots=True)
 class TritonMetadata(AttentionMetadata):
     """The reference metadata plus the kernel's tensors (int32, on the device)."""
@@ -281,8 +354,10 @@ class TritonMetadata(AttentionMetadata):
     tile_seqs: torch.Tensor | None = None  # [tiles] the sequence of each query tile
     tile_starts: torch.Tensor | None = None  # [tiles] its first query token, within the sequence
     block_q: int = 1  # query tokens per tile
-    kernel_tiles: int = -1  # the tiles of sequences not in `fresh_runs` (they come first); −1: all
-    fresh_runs: tuple[tuple[int, int, int], ...] = ()  # (first token, prompts, length) of whole prompts
+    kernel_tiles: int = -1  # the tiles of sequences that are not whole prompts (they come first); −1: all
+    # [3, prompt tiles]: first token of the prompt in the step, its length, the tile's first position
+    # (tiles of PROMPT_LAUNCH's BLOCK_M tokens, the latest positions first); None: no whole prompts
+    prompt_tiles: torch.Tensor | None = None
     decode_only: bool = False  # one query token per sequence: tile i is sequence i, its token i
 
 
@@ -303,20 +378,22 @@ class TritonAttentionBackend:
         decode_only = all(s.query_len == 1 for s in seqs)
         block_q, _ = tile_rows(self.group, decode_only)
         width = max(-(-s.context_len // block_size) for s in seqs)
-        runs = whole_prompt_runs(seqs, FRESH_MIN_LEN)
+        fresh = [i for i, s in enumerate(seqs) if s.query_len == s.context_len >= FRESH_MIN_LEN]
         starts = list(accumulate((s.query_len for s in seqs), initial=0))
         lens = [s.context_len for s in seqs]
-        if decode_only and not runs:  # tile i is sequence i (a host loop less in the commonest step)
+        if decode_only and not fresh:  # tile i is sequence i (a host loop less in the commonest step)
             tile_seqs, tile_starts = list(range(len(seqs))), [0] * len(seqs)
             kernel_tiles = len(seqs)
         else:
-            fresh = {i for first, n, _ in runs for i in range(first, first + n)}
-            tiles = [(i, t) for i, s in enumerate(seqs) if i not in fresh for t in range(0, s.query_len, block_q)]
+            whole = set(fresh)
+            tiles = [(i, t) for i, s in enumerate(seqs) if i not in whole for t in range(0, s.query_len, block_q)]
             kernel_tiles = len(tiles)
-            tiles += [(i, t) for i in sorted(fresh) for t in range(0, seqs[i].query_len, block_q)]
+            tiles += [(i, t) for i in fresh for t in range(0, seqs[i].query_len, block_q)]
             tile_seqs, tile_starts = [t[0] for t in tiles], [t[1] for t in tiles]
-        dev = to_device(starts + lens + tile_seqs + tile_starts, torch.int32, device)
+        prompts = prompt_tiles([seqs[i] for i in fresh], PROMPT_LAUNCH[0])
+        dev = to_device(starts + lens + tile_seqs + tile_starts + prompts, torch.int32, device)
         n, t = len(seqs), len(tile_seqs)
+        end = 2 * n + 1 + 2 * t
         return TritonMetadata(
             slot_mapping=to_device(slot_mapping(seqs, block_size), torch.int64, device),
             seqs=seqs,
@@ -325,11 +402,11 @@ class TritonAttentionBackend:
             query_starts=dev[: n + 1],
             context_lens=dev[n + 1 : 2 * n + 1],
             tile_seqs=dev[2 * n + 1 : 2 * n + 1 + t],
-            tile_starts=dev[2 * n + 1 + t :],
+            tile_starts=dev[2 * n + 1 + t : end],
             block_q=block_q,
             kernel_tiles=kernel_tiles,
-            fresh_runs=tuple((seqs[first].query_start, n, seqs[first].query_len) for first, n, _ in runs),
-            decode_only=decode_only and not runs,  # (no fresh runs: their tiles would come last)
+            prompt_tiles=dev[end:].view(3, -1) if fresh else None,
+            decode_only=decode_only and not fresh,  # (whole prompts' paged tiles would come last)
         )
 
     def forward(
@@ -346,15 +423,25 @@ class TritonAttentionBackend:
         assert isinstance(meta, TritonMetadata), "build the step's metadata with this backend"
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = q.new_empty(q.shape)
-        # masks only the kernel has, or an fp8 cache (whose rounded keys the whole prompt must see too)
-        if sliding_window is not None or alibi_slopes is not None or not meta.fresh_runs or kv_cache.dtype != q.dtype:
+        # masks only the paged kernel has, an fp8 cache (whose rounded keys the whole prompt must see
+        # too), or a head_dim the prompt kernel does not take: every tile through the paged kernel
+        head_dim = q.shape[-1]
+        plain = sliding_window is None and alibi_slopes is None and kv_cache.dtype == q.dtype
+        if meta.prompt_tiles is None or not plain or head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
             paged_attention(q, out, kv_cache, meta, scale, self.group, sliding_window, alibi_slopes)
             return out
         if meta.kernel_tiles:
             paged_attention(q, out, kv_cache, meta, scale, self.group, tiles=meta.kernel_tiles)
-        for start, n, length in meta.fresh_runs:
-            attend_whole_prompts(q, k, v, out, start, n, length, scale)
+        prompt_attention(q, k, v, out, meta.prompt_tiles, scale, self.group)
         return out
+
+
+def prompt_tiles(prompts: list[SeqSpan], block_m: int) -> list[int]:
+    """The rows of `TritonMetadata.prompt_tiles`, flat: first tokens, lengths, first positions of
+    the tiles of `block_m` tokens of whole prompts, the latest positions (the most keys) first."""
+    tiles = sorted(((s.query_start, s.query_len, t) for s in prompts for t in range(0, s.query_len, block_m)),
+                   key=lambda tile: -tile[2])  # fmt: skip
+    return [tile[i] for i in range(3) for tile in tiles]
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -393,7 +480,8 @@ def paged_attention(
     tma = decode and _tma_fits(kv_cache, block_n)
     if tma and fp8:
         stages = FP8_TMA_DECODE_STAGES
-    kv_desc = _rows_descriptor(kv_cache, block_n) if tma else kv_cache
+    # the cache as rows of head_dim (keys, then values), read block_n rows at a time
+    kv_desc = _descriptor(kv_cache.view(-1, head_dim), [block_n, head_dim]) if tma else kv_cache
     alibi = alibi_slopes.to(device=q.device, dtype=torch.float32) if alibi_slopes is not None else q
     grid = (meta.tile_seqs.shape[0] if tiles < 0 else tiles, kv_heads)
     _paged_attention_kernel[grid](
@@ -411,6 +499,29 @@ def paged_attention(
     )  # fmt: skip
 
 
+def prompt_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, tiles: torch.Tensor, scale: float, group: int
+) -> None:
+    """out [tokens, heads, d] at the rows of whole prompts = their causal attention over this step's
+    own k, v [tokens, kv_heads, d], for the tiles of `tiles` (`TritonMetadata.prompt_tiles`)."""
+    block_m, block_n, warps, stages = PROMPT_LAUNCH
+    k, v = _rows(k), _rows(v)
+    head_dim = q.shape[-1]
+    tma = _hopper_or_interpreter(q.device) and all(
+        x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0 for x in (k, v)
+    )
+    if tma:  # k, v as rows of kv_heads × head_dim, read block_n rows of one head at a time
+        k_desc, v_desc = (_descriptor(x.flatten(1), [block_n, head_dim]) for x in (k, v))
+    else:
+        k_desc, v_desc = k, v
+    _prompt_attention_kernel[(tiles.shape[1], q.shape[1])](
+        q, k, v, out, k_desc, v_desc, tiles[0], tiles[1], tiles[2], scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", TMA=tma, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
 def _tma_fits(kv_cache: torch.Tensor, block_n: int) -> bool:
     """Whether decode tiles read the cache through a TMA descriptor: on a Hopper or later GPU (or
     Triton's interpreter), each tile's BLOCK_N keys within one cache block, rows of a power-of-two
@@ -418,15 +529,19 @@ def _tma_fits(kv_cache: torch.Tensor, block_n: int) -> bool:
     head_dim, row_bytes = kv_cache.shape[-1], kv_cache.shape[-1] * kv_cache.element_size()
     if kv_cache.shape[3] % block_n or head_dim & (head_dim - 1) or row_bytes % 16 or head_dim > 256:
         return False
-    if kv_cache.is_cuda:
-        return torch.cuda.get_device_capability(kv_cache.device)[0] >= 9
+    return _hopper_or_interpreter(kv_cache.device)
+
+
+def _hopper_or_interpreter(device: torch.device) -> bool:
+    """Whether kernels may read through TMA descriptors: a Hopper or later GPU, or Triton's interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _rows_descriptor(kv_cache: torch.Tensor, block_n: int) -> TensorDescriptor:
-    """The cache as rows of head_dim (keys, then values), read `block_n` rows at a time."""
-    rows = kv_cache.view(-1, kv_cache.shape[-1])
-    return TensorDescriptor(rows, list(rows.shape), [rows.shape[1], 1], [block_n, rows.shape[1]])
+def _descriptor(rows: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    """A 2-D tensor (rows of contiguous elements) read `block` at a time."""
+    return TensorDescriptor(rows, list(rows.shape), [rows.stride(0), 1], block)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

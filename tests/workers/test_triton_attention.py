@@ -156,7 +156,7 @@ def test_a_decode_step_with_fresh_runs_takes_the_general_path(monkeypatch: pytes
     monkeypatch.setattr(ta, "FRESH_MIN_LEN", 1)
     kinds = [(0, 1), (0, 1), (5, 1), (0, 1), (9, 1)]
     meta = TritonAttentionBackend(4, 2).build_metadata(make_step(kinds, 8, 20, random.Random(2)), 8, DEVICE)
-    assert meta.fresh_runs and not meta.decode_only
+    assert meta.prompt_tiles is not None and not meta.decode_only
     check(*run_both(kinds, 4, 2, 16, 8, torch.float32, seed=2))
 
 
@@ -192,32 +192,64 @@ def test_fp8_kv_cache_matches_reference_on_rounded_values(kinds: list[tuple[int,
 FRESH = [(0, 9), (0, 9), (37, 1), (0, 9), (0, 12), (0, 12), (33, 40), (0, 3), (64, 7)]  # runs of whole prompts
 
 
-def test_fresh_runs_are_consecutive_whole_prompts_of_one_length(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_whole_prompts_get_prompt_tiles_latest_positions_first(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ta, "FRESH_MIN_LEN", 4)
+    monkeypatch.setattr(ta, "PROMPT_LAUNCH", (4, 16, 4, 2))  # tiles of 4 query tokens
     seqs = make_step(FRESH, 8, 100, random.Random(0))
-    assert whole_prompt_runs(seqs, 4) == [(0, 2, 9), (3, 1, 9), (4, 2, 12)]  # (0, 3) is too short, the rest not whole
+    assert whole_prompt_runs(seqs, 4) == [(0, 2, 9), (3, 1, 9), (4, 2, 12)]  # (the reference backend's runs)
     meta = TritonAttentionBackend(4, 2).build_metadata(seqs, 8, DEVICE)
-    assert meta.fresh_runs == ((0, 2, 9), (19, 1, 9), (28, 2, 12))  # (first token, prompts, length)
+    assert meta.prompt_tiles is not None  # sequences 0, 1, 3, 4, 5: (0, 3) is too short, the rest not whole
+    firsts, lens, starts = meta.prompt_tiles.tolist()
+    assert starts == [8] * 5 + [4] * 5 + [0] * 5  # the tiles with the most keys first
+    assert firsts == [0, 9, 19, 28, 40] * 3 and lens == [9, 9, 9, 12, 12] * 3
     assert meta.tile_seqs is not None
-    assert set(meta.tile_seqs[: meta.kernel_tiles].tolist()) == {2, 6, 7, 8}  # the kernel's share comes first
+    assert set(meta.tile_seqs[: meta.kernel_tiles].tolist()) == {2, 6, 7, 8}  # the paged kernel's share first
     assert set(meta.tile_seqs[meta.kernel_tiles :].tolist()) == {0, 1, 3, 4, 5}
 
 
+def spy_prompt_launches(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """TMA of every launch of the whole-prompt kernel from now on."""
+    launched: list[bool] = []
+    kernel = ta._prompt_attention_kernel
+
+    class Spy:
+        def __getitem__(self, grid: tuple[int, ...]):  # noqa: ANN204
+            def launch(*args, **kwargs):  # noqa: ANN202
+                launched.append(kwargs["TMA"])
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(ta, "_prompt_attention_kernel", Spy())
+    return launched
+
+
+LONG = [(0, 40), (3, 1), (0, 37), (20, 9), (0, 16), (0, 5)]  # whole prompts of several tiles of 16
+
+
 @pytest.mark.parametrize(
-    ("kinds", "window"),
-    [(FRESH, None), ([(0, 9), (0, 9), (0, 5)], None), (FRESH, 4)],
-    ids=["mixed", "fresh-only", "windowed-on-the-kernel"],
-)
-def test_fresh_runs_match_reference(
-    monkeypatch: pytest.MonkeyPatch, kinds: list[tuple[int, int]], window: int | None
+    ("kinds", "window", "tma"),
+    [(FRESH, None, True), ([(0, 9), (0, 9), (0, 5)], None, True), (LONG, None, True), (LONG, None, False),
+     (FRESH, 4, True)],
+    ids=["mixed", "fresh-only", "long-tma", "long-pointers", "windowed-on-the-paged-kernel"],
+)  # fmt: skip
+def test_whole_prompts_match_reference(
+    monkeypatch: pytest.MonkeyPatch, kinds: list[tuple[int, int]], window: int | None, tma: bool
 ) -> None:
+    """Whole prompts through the prompt kernel (tiles of 16 queries and 16 keys: the long prompts'
+    later tiles see earlier keys unmasked), by TMA or by pointers; a windowed layer takes the paged one."""
     monkeypatch.setattr(ta, "FRESH_MIN_LEN", 4)
+    monkeypatch.setattr(ta, "PROMPT_LAUNCH", (16, 16, 4, 2))
+    if not tma:
+        monkeypatch.setattr(ta, "_hopper_or_interpreter", lambda device: False)
+    launched = spy_prompt_launches(monkeypatch)
     check(*run_both(kinds, 8, 2, 16, 8, torch.float32, window=window, seed=6))
+    assert launched == ([] if window else [tma])
 
 
 @pytest.mark.cuda
 def test_fresh_runs_in_half_precision() -> None:
-    kinds = [(0, 300), (0, 300), (900, 1), (0, 512), (100, 300), (0, 256)]
+    kinds = [(0, 300), (0, 300), (900, 1), (0, 512), (100, 300), (0, 256), (0, 2048)]
     check(*run_both(kinds, 32, 8, 128, 32, torch.bfloat16, seed=7))
 
 
@@ -225,11 +257,15 @@ def test_fresh_runs_in_half_precision() -> None:
 def test_step_compositions_reuse_the_compiled_kernels() -> None:
     """Steps of other sizes, widths and mixes compile nothing new (a compile stalls serving ~1 s)."""
     steps = [[(5, 1)], [(5, 1)] * 3, [(40, 1), (0, 9)], [(0, 17)] * 5, [(100, 3), (7, 1)] * 7, [(1, 1)] * 33]
-    compiled = ta._paged_attention_kernel.device_caches[torch.cuda.current_device()][0]
-    before = len(compiled)
+    steps += [[(0, 1100)], [(3, 1), (0, 1030), (0, 1500)], [(0, 2000), (9, 1)]]  # whole prompts
+    device = torch.cuda.current_device()
+    paged = ta._paged_attention_kernel.device_caches[device][0]
+    prompts = ta._prompt_attention_kernel.device_caches[device][0]
+    before = len(paged), len(prompts)
     for i, kinds in enumerate(steps):
-        check(*run_both(kinds, 12, 6, 48, 16, torch.bfloat16, seed=i))  # a head shape no other test uses
-    assert len(compiled) - before <= 2  # one decode tile, one prefill tile
+        check(*run_both(kinds, 12, 6, 64, 16, torch.bfloat16, seed=i))  # a head shape no other test uses
+    assert len(paged) - before[0] <= 2  # one decode tile, one prefill tile
+    assert len(prompts) - before[1] <= 1
 
 
 def test_skipped_slots_leave_the_cache_alone() -> None:
