@@ -16,7 +16,9 @@ descriptor over the head-major cache (`attention.kv_cache_shape`), 5 stages deep
 cache; otherwise they are loaded through pointers, the block-table entries read a block ahead so
 that no dependent load stands before a block's keys and values. On an H100 over an fp8 cache
 (benchmarks/README.md, session 10): 512 decodes of 1,560 keys 0.586 ms against 0.611 ms through
-pointers with blocks of 32, 2048 decodes of 192 keys 0.308 against 0.361 ms.
+pointers with blocks of 32, 2048 decodes of 192 keys 0.308 against 0.361 ms. Over an fp8 cache a
+step with prefill chunks and at least `FP8_SPLIT_MIN_DECODES` decodes launches the decodes apart on
+the same path (their tiles come first; tile i is sequence `tile_seqs[i]`), and the rest after.
 
 `write_kv` stores the step's keys and values at their cache slots; slot −1 is skipped (padded
 rows of a captured CUDA graph). An fp8 (e4m3) cache (`cache.kv_cache_dtype: fp8`) stores them
@@ -75,6 +77,11 @@ FP8_DECODE_MAX_REGISTERS = 128
 # an fp8 cache's decode tiles read through TMA pipeline this many blocks (H100, 512 decodes of 1,560
 # keys: 0.573 ms at 5 stages, 0.610 at 3; a bf16 cache, twice the bytes a block: 3 stages as before)
 FP8_TMA_DECODE_STAGES = 5
+# over an fp8 cache, a step with prefill launches its decodes apart (the decode path) from this many on:
+# the general path's 64-row tiles convert 4 times the keys a decode needs (H100, ms: 192 decodes of
+# ~2,100 keys + a 1,856-token chunk 0.631 together, 0.303 + 0.175 apart; 300 + 1,500: 0.884 against
+# 0.461 + 0.169; 64 + 4,000: 0.171 against 0.122 + 0.070; a bf16 cache gains nothing: 0.634 / 0.730)
+FP8_SPLIT_MIN_DECODES = 128
 # whole prompts at least this long take the prompt kernel; shorter ones the paged kernel, whose tiles
 # share each key between a KV head's query heads (H100, ms: 1 × 2048 0.121 against 0.136 paged,
 # 8 × 512 0.106 against 0.098, 16 × 256 0.100 against 0.084; benchmarks/README.md, session 11)
@@ -192,14 +199,17 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAGE: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, PRECISION: tl.constexpr, FP16_DOTS: tl.constexpr,
-    DECODE: tl.constexpr, TMA: tl.constexpr, KV_HEADS: tl.constexpr,
+    DECODE: tl.constexpr, SEQ_MAP: tl.constexpr, TMA: tl.constexpr, KV_HEADS: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    if DECODE:  # tile i is sequence i, whose one query token is token i: no lookups before the context
+    if DECODE:  # one query token a sequence: tile i is sequence i and token i, no lookups before the context
         seq = tile
-        tile_start = 0
         q_first = tile
+        if SEQ_MAP:  # ... unless the decodes are a mixed step's share: tile i is sequence tile_seqs[i]
+            seq = tl.load(tile_seqs_ptr + tile)
+            q_first = tl.load(query_starts_ptr + seq)
+        tile_start = 0
         q_len = 1
     else:
         seq = tl.load(tile_seqs_ptr + tile)
@@ -355,6 +365,7 @@ class TritonMetadata(AttentionMetadata):
     tile_starts: torch.Tensor | None = None  # [tiles] its first query token, within the sequence
     block_q: int = 1  # query tokens per tile
     kernel_tiles: int = -1  # the tiles of sequences that are not whole prompts (they come first); −1: all
+    decode_tiles: int = 0  # of those, the decodes' (one a decode, first of all) in a step with prefill
     # [3, prompt tiles]: first token of the prompt in the step, its length, the tile's first position
     # (tiles of PROMPT_LAUNCH's BLOCK_M tokens, the latest positions first); None: no whole prompts
     prompt_tiles: torch.Tensor | None = None
@@ -383,10 +394,13 @@ class TritonAttentionBackend:
         lens = [s.context_len for s in seqs]
         if decode_only and not fresh:  # tile i is sequence i (a host loop less in the commonest step)
             tile_seqs, tile_starts = list(range(len(seqs))), [0] * len(seqs)
-            kernel_tiles = len(seqs)
+            kernel_tiles, decode_tiles = len(seqs), 0
         else:
             whole = set(fresh)
-            tiles = [(i, t) for i, s in enumerate(seqs) if i not in whole for t in range(0, s.query_len, block_q)]
+            tiles = [(i, 0) for i, s in enumerate(seqs) if s.query_len == 1 and i not in whole]
+            decode_tiles = len(tiles)
+            tiles += [(i, t) for i, s in enumerate(seqs) if s.query_len > 1 and i not in whole
+                      for t in range(0, s.query_len, block_q)]  # fmt: skip
             kernel_tiles = len(tiles)
             tiles += [(i, t) for i in fresh for t in range(0, seqs[i].query_len, block_q)]
             tile_seqs, tile_starts = [t[0] for t in tiles], [t[1] for t in tiles]
@@ -405,6 +419,7 @@ class TritonAttentionBackend:
             tile_starts=dev[2 * n + 1 + t : end],
             block_q=block_q,
             kernel_tiles=kernel_tiles,
+            decode_tiles=decode_tiles,
             prompt_tiles=dev[end:].view(3, -1) if fresh else None,
             decode_only=decode_only and not fresh,  # (whole prompts' paged tiles would come last)
         )
@@ -468,13 +483,45 @@ def paged_attention(
     tiles: int = -1,
 ) -> None:
     """out [tokens, heads, d] = attention of q [tokens, heads, d] over the paged cache, for the
-    first `tiles` query tiles of `meta` (−1: all)."""
+    first `tiles` query tiles of `meta` (−1: all). Over an fp8 cache a step with prefill launches
+    its decodes apart, on the decode path, once they are `FP8_SPLIT_MIN_DECODES` or more."""
+    assert meta.tile_seqs is not None
+    tiles = meta.tile_seqs.shape[0] if tiles < 0 else tiles
+    fits = tile_rows(group, True)[0] * triton.next_power_of_2(group) <= ROWS_DECODE  # (a decode tile's rows)
+    if meta.decode_only and fits:
+        _launch(q, out, kv_cache, meta, scale, group, sliding_window, alibi_slopes, 0, tiles, decode=True)
+        return
+    split = meta.decode_tiles if fits and _decodes_apart(kv_cache, meta.decode_tiles) else 0
+    if split:
+        _launch(q, out, kv_cache, meta, scale, group, sliding_window, alibi_slopes, 0, split, decode=True)
+    if tiles > split:
+        _launch(q, out, kv_cache, meta, scale, group, sliding_window, alibi_slopes, split, tiles, decode=False)
+
+
+def _decodes_apart(kv_cache: torch.Tensor, decodes: int) -> bool:
+    """Whether a step with prefill launches its `decodes` apart, on the decode path."""
+    return kv_cache.dtype == torch.float8_e4m3fn and decodes >= FP8_SPLIT_MIN_DECODES
+
+
+def _launch(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: TritonMetadata,
+    scale: float,
+    group: int,
+    sliding_window: int | None,
+    alibi_slopes: torch.Tensor | None,
+    first: int,
+    end: int,
+    decode: bool,
+) -> None:
+    """The paged kernel over tiles [first, end) of `meta`, on its decode path or its general one."""
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.is_contiguous()
-    assert meta.tile_seqs is not None and meta.block_tables is not None
+    assert meta.tile_seqs is not None and meta.tile_starts is not None and meta.block_tables is not None
     _, _, kv_heads, page, head_dim = kv_cache.shape
     group_pad = triton.next_power_of_2(group)
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
-    decode = meta.decode_only and meta.block_q * group_pad <= ROWS_DECODE
     elements, warps, stages = DECODE_LAUNCH if decode else PREFILL_LAUNCH
     block_n = max(16, min(128, elements // max(head_dim, 16)))
     tma = decode and _tma_fits(kv_cache, block_n)
@@ -483,18 +530,18 @@ def paged_attention(
     # the cache as rows of head_dim (keys, then values), read block_n rows at a time
     kv_desc = _descriptor(kv_cache.view(-1, head_dim), [block_n, head_dim]) if tma else kv_cache
     alibi = alibi_slopes.to(device=q.device, dtype=torch.float32) if alibi_slopes is not None else q
-    grid = (meta.tile_seqs.shape[0] if tiles < 0 else tiles, kv_heads)
-    _paged_attention_kernel[grid](
+    _paged_attention_kernel[(end - first, kv_heads)](
         q, out, kv_cache, kv_desc, alibi,
-        meta.block_tables, meta.context_lens, meta.query_starts, meta.tile_seqs, meta.tile_starts,
+        meta.block_tables, meta.context_lens, meta.query_starts, meta.tile_seqs[first:], meta.tile_starts[first:],
         scale, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(3), kv_cache.stride(2), meta.block_tables.stride(0),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=meta.block_q, BLOCK_N=block_n,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=tile_rows(group, True)[0] if decode else meta.block_q,
+        BLOCK_N=block_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
         USE_WINDOW=sliding_window is not None, USE_ALIBI=alibi_slopes is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP16_DOTS=fp8 and q.dtype == torch.bfloat16,
-        DECODE=decode, TMA=tma, KV_HEADS=kv_heads, num_warps=warps, num_stages=stages,
+        DECODE=decode, SEQ_MAP=decode and not meta.decode_only, TMA=tma, KV_HEADS=kv_heads,
+        num_warps=warps, num_stages=stages,
         **({"maxnreg": FP8_DECODE_MAX_REGISTERS} if decode and fp8 else {}),  # an option of CUDA's backend only
     )  # fmt: skip
 

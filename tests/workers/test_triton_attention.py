@@ -160,6 +160,24 @@ def test_a_decode_step_with_fresh_runs_takes_the_general_path(monkeypatch: pytes
     check(*run_both(kinds, 4, 2, 16, 8, torch.float32, seed=2))
 
 
+@pytest.mark.parametrize(("window", "alibi"), [(None, False), (13, False), (40, True)])
+def test_decodes_of_a_step_with_prefill_launched_apart(
+    monkeypatch: pytest.MonkeyPatch, window: int | None, alibi: bool
+) -> None:
+    """Decodes launched apart (as over an fp8 cache, here forced on an fp32 one): their tiles come
+    first and take the decode path, tile i reading sequence tile_seqs[i]; the rest the general one."""
+    monkeypatch.setattr(ta, "_decodes_apart", lambda cache, decodes: decodes >= 2)
+    monkeypatch.setattr(ta, "DECODE_LAUNCH", (16 * 32, 4, 2))
+    kinds = [(0, 19), (37, 1), (64, 7), (5, 1), (130, 1), (33, 40), (16, 1)]  # decodes between the chunks
+    seqs = make_step(kinds, 16, 40, random.Random(4))
+    meta = TritonAttentionBackend(8, 2).build_metadata(seqs, 16, DEVICE)
+    assert meta.decode_tiles == 4 and meta.tile_seqs is not None
+    assert meta.tile_seqs[:4].tolist() == [1, 3, 4, 6]
+    launched = spy_launches(monkeypatch)
+    check(*run_both(kinds, 8, 2, 32, 16, torch.float32, window=window, alibi=alibi, seed=4))
+    assert [decode for decode, _ in launched] == [True, False]
+
+
 @pytest.mark.parametrize("window", [1, 4, 13])
 def test_sliding_window_matches_reference(window: int) -> None:
     check(*run_both(MIXED, 4, 2, 16, 8, torch.float32, window=window, seed=2))
@@ -182,8 +200,12 @@ def test_half_precision_long_contexts(dtype: torch.dtype, block_size: int) -> No
 @pytest.mark.parametrize("block_size", [32, 64])
 @pytest.mark.parametrize(
     "kinds",
-    [[(500, 1), (0, 300), (120, 77), (33, 1)], [(n, 1) for n in (0, 5, 200, 255, 256, 1500)]],
-    ids=["mixed", "decode"],
+    [
+        [(500, 1), (0, 300), (120, 77), (33, 1)],
+        [(n, 1) for n in (0, 5, 200, 255, 256, 1500)],
+        [(0, 300)] + [(n, 1) for n in range(100, 3100, 20)] + [(120, 77)],  # 150 decodes: launched apart
+    ],
+    ids=["mixed", "decode", "mixed-decodes-apart"],
 )
 def test_fp8_kv_cache_matches_reference_on_rounded_values(kinds: list[tuple[int, int]], block_size: int) -> None:
     check(*run_both(kinds, 32, 8, 128, block_size, torch.bfloat16, seed=5, kv_dtype=torch.float8_e4m3fn))
