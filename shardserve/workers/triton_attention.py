@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from itertools import accumulate
 
 import torch
@@ -488,14 +489,15 @@ def paged_attention(
     assert meta.tile_seqs is not None
     tiles = meta.tile_seqs.shape[0] if tiles < 0 else tiles
     fits = tile_rows(group, True)[0] * triton.next_power_of_2(group) <= ROWS_DECODE  # (a decode tile's rows)
+    launch = partial(_launch, q, out, kv_cache, meta, scale, group, sliding_window, alibi_slopes)
     if meta.decode_only and fits:
-        _launch(q, out, kv_cache, meta, scale, group, sliding_window, alibi_slopes, 0, tiles, decode=True)
+        launch(0, tiles, decode=True)
         return
     split = meta.decode_tiles if fits and _decodes_apart(kv_cache, meta.decode_tiles) else 0
     if split:
-        _launch(q, out, kv_cache, meta, scale, group, sliding_window, alibi_slopes, 0, split, decode=True)
+        launch(0, split, decode=True)
     if tiles > split:
-        _launch(q, out, kv_cache, meta, scale, group, sliding_window, alibi_slopes, split, tiles, decode=False)
+        launch(split, tiles, decode=False)
 
 
 def _decodes_apart(kv_cache: torch.Tensor, decodes: int) -> bool:
@@ -504,18 +506,9 @@ def _decodes_apart(kv_cache: torch.Tensor, decodes: int) -> bool:
 
 
 def _launch(
-    q: torch.Tensor,
-    out: torch.Tensor,
-    kv_cache: torch.Tensor,
-    meta: TritonMetadata,
-    scale: float,
-    group: int,
-    sliding_window: int | None,
-    alibi_slopes: torch.Tensor | None,
-    first: int,
-    end: int,
-    decode: bool,
-) -> None:
+    q: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor, meta: TritonMetadata, scale: float, group: int,
+    sliding_window: int | None, alibi_slopes: torch.Tensor | None, first: int, end: int, decode: bool,
+) -> None:  # fmt: skip
     """The paged kernel over tiles [first, end) of `meta`, on its decode path or its general one."""
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.is_contiguous()
     assert meta.tile_seqs is not None and meta.tile_starts is not None and meta.block_tables is not None
