@@ -26,9 +26,9 @@ saturated to ±448 without a scale; the attention kernel reads them back as floa
 instruction where bfloat16 takes three: 4 × 2048 prefill 0.527 against 0.705 ms, 512 decodes of
 1,500 keys 0.642 against 1.091 ms on an H100) and multiplies in float16 against the query rounded to it.
 Whole prompts of at least `FRESH_MIN_LEN` tokens (no cached prefix, no window or ALiBi, a cache
-in the query's dtype, a power-of-two head_dim) skip the paged kernel: their keys and values are
-this step's own k, v (views of the fused projection), which `_prompt_attention_kernel` reads
-without a block table. A program takes `BLOCK_M` query tokens of one prompt and one query head
+in the query's dtype, rows that `prompt_kernel_fits`) skip the paged kernel: their keys and
+values are this step's own k, v (views of the fused projection), which `_prompt_attention_kernel`
+reads without a block table. A program takes `BLOCK_M` query tokens of one prompt and one query head
 (the metadata's `prompt_tiles`, the most keys first so that short tiles fill the tail), the keys
 before its first position unmasked and the diagonal masked; on a Hopper GPU each `BLOCK_N` rows
 of keys and of values are one TMA copy through a tensor descriptor over k, v as rows of
@@ -440,16 +440,22 @@ class TritonAttentionBackend:
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = q.new_empty(q.shape)
         # masks only the paged kernel has, an fp8 cache (whose rounded keys the whole prompt must see
-        # too), or a head_dim the prompt kernel does not take: every tile through the paged kernel
-        head_dim = q.shape[-1]
+        # too), or rows the prompt kernel does not take: every tile through the paged kernel
         plain = sliding_window is None and alibi_slopes is None and kv_cache.dtype == q.dtype
-        if meta.prompt_tiles is None or not plain or head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        if meta.prompt_tiles is None or not plain or not prompt_kernel_fits(q):
             paged_attention(q, out, kv_cache, meta, scale, self.group, sliding_window, alibi_slopes)
             return out
         if meta.kernel_tiles:
             paged_attention(q, out, kv_cache, meta, scale, self.group, tiles=meta.kernel_tiles)
         prompt_attention(q, k, v, out, meta.prompt_tiles, scale, self.group)
         return out
+
+
+def prompt_kernel_fits(q: torch.Tensor) -> bool:
+    """Whether the prompt kernel takes these queries: a power-of-two head_dim of 16 or more, rows of
+    at most 256 bytes (bf16 up to 128; its 3 stages of 64 keys and values then fit in shared memory)."""
+    head_dim = q.shape[-1]
+    return head_dim >= 16 and not head_dim & (head_dim - 1) and head_dim * q.element_size() <= 256
 
 
 def prompt_tiles(prompts: list[SeqSpan], block_m: int) -> list[int]:

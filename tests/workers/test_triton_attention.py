@@ -269,6 +269,20 @@ def test_whole_prompts_match_reference(
     assert launched == ([] if window else [tma])
 
 
+def test_prompt_kernel_takes_power_of_two_rows_of_at_most_256_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fits(head_dim: int, dtype: torch.dtype) -> bool:
+        return ta.prompt_kernel_fits(torch.empty(1, 1, head_dim, dtype=dtype))
+
+    assert fits(16, torch.float32) and fits(64, torch.float32) and fits(128, torch.bfloat16)
+    assert not fits(24, torch.float32) and not fits(8, torch.bfloat16)
+    assert not fits(128, torch.float32) and not fits(256, torch.bfloat16)
+    # a head_dim it does not take: whole prompts through the paged kernel, same results
+    monkeypatch.setattr(ta, "FRESH_MIN_LEN", 4)
+    launched = spy_prompt_launches(monkeypatch)
+    check(*run_both(FRESH, 12, 4, 24, 8, torch.float32, seed=9))
+    assert launched == []
+
+
 @pytest.mark.cuda
 def test_fresh_runs_in_half_precision() -> None:
     kinds = [(0, 300), (0, 300), (900, 1), (0, 512), (100, 300), (0, 256), (0, 2048)]
