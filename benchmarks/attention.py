@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row(name, f"sdpa ({label}, unpaged)", timed(run_sdpa(case, args, backend)), case, args))
             except RuntimeError as exc:  # a backend that does not take the shape
                 print(f"{name}: sdpa {label}: {exc}", file=sys.stderr)
-        rows.append(row(name, "triton paged (current)", timed(run_triton(case, args)), case, args))
+        rows.append(row(name, "triton paged kernel", timed(run_triton(case, args)), case, args))
         if case["q_len"] == case["context"] > 1:  # whole prompts: what the engine runs for them
             rows.append(row(name, "triton whole-prompt kernel", timed(run_prompts(case, args)), case, args))
         if args.sweep:

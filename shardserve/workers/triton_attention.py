@@ -294,15 +294,19 @@ def _paged_attention_kernel(
 @triton.jit
 def _prompt_keys(
     k_desc, v_desc, k_base, v_base, first, start, hi, kv_head, stride_kt, stride_vt,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr, DIAGONAL: tl.constexpr,
 ):  # fmt: skip
     """A whole prompt's keys and values at positions [start, start + BLOCK_N) (rows first + those
-    of k, v); rows at or past hi are masked by the caller (TMA reads the next prompt's or zeros)."""
+    of k, v). On the diagonal, rows at or past hi get a score mask from the caller, and TMA reads
+    the next prompt's rows there (zeros past k, v): their values are zeroed too, so that no other
+    request's inf or NaN reaches this one through 0 · v."""
+    keys = start + tl.arange(0, BLOCK_N)
     if TMA:
         k = k_desc.load([first + start, kv_head * HEAD_DIM])
         v = v_desc.load([first + start, kv_head * HEAD_DIM])
+        if DIAGONAL:
+            v = tl.where((keys < hi)[:, None], v, 0.0)
     else:
-        keys = start + tl.arange(0, BLOCK_N)
         rows = (first + keys).to(tl.int64)[:, None]
         k = tl.load(k_base + rows * stride_kt, mask=(keys < hi)[:, None], other=0.0)
         v = tl.load(v_base + rows * stride_vt, mask=(keys < hi)[:, None], other=0.0)
@@ -339,12 +343,12 @@ def _prompt_attention_kernel(
     v_base = v_ptr + kv_head * stride_vh + dims[None, :]
     for start in range(0, tile_start, BLOCK_N):  # keys before the tile's first position: no mask
         k, v = _prompt_keys(k_desc, v_desc, k_base, v_base, first, start, hi, kv_head, stride_kt, stride_vt,
-                            BLOCK_N, HEAD_DIM, TMA)  # fmt: skip
+                            BLOCK_N, HEAD_DIM, TMA, False)  # fmt: skip
         acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, start, hi, q_pos, 0, unused, qk_scale,
                                       BLOCK_N, NO_MASK, False, False, PRECISION)  # fmt: skip
     for start in range(tile_start, hi, BLOCK_N):  # the diagonal
         k, v = _prompt_keys(k_desc, v_desc, k_base, v_base, first, start, hi, kv_head, stride_kt, stride_vt,
-                            BLOCK_N, HEAD_DIM, TMA)  # fmt: skip
+                            BLOCK_N, HEAD_DIM, TMA, True)  # fmt: skip
         acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, start, hi, q_pos, 0, unused, qk_scale,
                                       BLOCK_N, PER_ROW, False, False, PRECISION)  # fmt: skip
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -551,6 +555,8 @@ def prompt_attention(
     """out [tokens, heads, d] at the rows of whole prompts = their causal attention over this step's
     own k, v [tokens, kv_heads, d], for the tiles of `tiles` (`TritonMetadata.prompt_tiles`)."""
     block_m, block_n, warps, stages = PROMPT_LAUNCH
+    assert block_m % block_n == 0, "a tile's first position must start a block of keys (the unmasked loop ends there)"
+    assert q.stride(-1) == 1 and out.stride(-1) == 1
     k, v = _rows(k), _rows(v)
     head_dim = q.shape[-1]
     tma = _hopper_or_interpreter(q.device) and all(

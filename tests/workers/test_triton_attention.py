@@ -269,6 +269,29 @@ def test_whole_prompts_match_reference(
     assert launched == ([] if window else [tma])
 
 
+@pytest.mark.parametrize("tma", [True, False])
+def test_a_prompt_never_reads_the_next_requests_values(monkeypatch: pytest.MonkeyPatch, tma: bool) -> None:
+    """The last tile of a prompt reads past its end (TMA takes whole blocks of rows): an inf in the
+    next request's values must not turn this prompt's rows into NaN through 0 · inf."""
+    monkeypatch.setattr(ta, "FRESH_MIN_LEN", 4)
+    monkeypatch.setattr(ta, "PROMPT_LAUNCH", (16, 16, 4, 2))
+    if not tma:
+        monkeypatch.setattr(ta, "_hopper_or_interpreter", lambda device: False)
+    heads, kv_heads, d = 4, 2, 16
+    seqs = make_step([(0, 70), (5, 1), (0, 9)], 8, 20, random.Random(5))
+    qkv = torch.randn(80, (heads + 2 * kv_heads) * d, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    q, k, v = (x.unflatten(1, (-1, d)) for x in qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=1))
+    v[70] = float("inf")  # the decode's token, right after the 70-token prompt
+    backend = TritonAttentionBackend(heads, kv_heads)
+    cache = torch.zeros(kv_cache_shape(20, 8, kv_heads, d), device=DEVICE)
+    out = backend.forward(q, k, v, cache, backend.build_metadata(seqs, 8, DEVICE), d**-0.5)
+    prompt = slice(0, 70)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(x[prompt].transpose(0, 1) for x in (q, k, v)), is_causal=True, enable_gqa=True
+    ).transpose(0, 1)
+    torch.testing.assert_close(out[prompt], ref, rtol=1e-4, atol=1e-4)
+
+
 def test_prompt_kernel_takes_power_of_two_rows_of_at_most_256_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     def fits(head_dim: int, dtype: torch.dtype) -> bool:
         return ta.prompt_kernel_fits(torch.empty(1, 1, head_dim, dtype=dtype))
