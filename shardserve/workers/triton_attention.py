@@ -294,19 +294,15 @@ def _paged_attention_kernel(
 @triton.jit
 def _prompt_keys(
     k_desc, v_desc, k_base, v_base, first, start, hi, kv_head, stride_kt, stride_vt,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr, DIAGONAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """A whole prompt's keys and values at positions [start, start + BLOCK_N) (rows first + those
-    of k, v). On the diagonal, rows at or past hi get a score mask from the caller, and TMA reads
-    the next prompt's rows there (zeros past k, v): their values are zeroed too, so that no other
-    request's inf or NaN reaches this one through 0 · v."""
-    keys = start + tl.arange(0, BLOCK_N)
+    of k, v): a TMA box of whole rows, or pointers that read rows at or past hi as zeros."""
     if TMA:
         k = k_desc.load([first + start, kv_head * HEAD_DIM])
         v = v_desc.load([first + start, kv_head * HEAD_DIM])
-        if DIAGONAL:
-            v = tl.where((keys < hi)[:, None], v, 0.0)
     else:
+        keys = start + tl.arange(0, BLOCK_N)
         rows = (first + keys).to(tl.int64)[:, None]
         k = tl.load(k_base + rows * stride_kt, mask=(keys < hi)[:, None], other=0.0)
         v = tl.load(v_base + rows * stride_vt, mask=(keys < hi)[:, None], other=0.0)
@@ -343,13 +339,20 @@ def _prompt_attention_kernel(
     v_base = v_ptr + kv_head * stride_vh + dims[None, :]
     for start in range(0, tile_start, BLOCK_N):  # keys before the tile's first position: no mask
         k, v = _prompt_keys(k_desc, v_desc, k_base, v_base, first, start, hi, kv_head, stride_kt, stride_vt,
-                            BLOCK_N, HEAD_DIM, TMA, False)  # fmt: skip
+                            BLOCK_N, HEAD_DIM, TMA)  # fmt: skip
         acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, start, hi, q_pos, 0, unused, qk_scale,
                                       BLOCK_N, NO_MASK, False, False, PRECISION)  # fmt: skip
-    for start in range(tile_start, hi, BLOCK_N):  # the diagonal
+    whole = tile_start + (hi - tile_start) // BLOCK_N * BLOCK_N  # the diagonal's blocks of keys all below hi
+    for start in range(tile_start, whole, BLOCK_N):  # the diagonal
         k, v = _prompt_keys(k_desc, v_desc, k_base, v_base, first, start, hi, kv_head, stride_kt, stride_vt,
-                            BLOCK_N, HEAD_DIM, TMA, True)  # fmt: skip
+                            BLOCK_N, HEAD_DIM, TMA)  # fmt: skip
         acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, start, hi, q_pos, 0, unused, qk_scale,
+                                      BLOCK_N, PER_ROW, False, False, PRECISION)  # fmt: skip
+    if whole < hi:  # the prompt's last keys: by pointers, whose masked rows read as zeros (a TMA box would
+        # read the next request's rows, and its inf or NaN values would reach this one through 0 · v)
+        k, v = _prompt_keys(k_desc, v_desc, k_base, v_base, first, whole, hi, kv_head, stride_kt, stride_vt,
+                            BLOCK_N, HEAD_DIM, False)  # fmt: skip
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, whole, hi, q_pos, 0, unused, qk_scale,
                                       BLOCK_N, PER_ROW, False, False, PRECISION)  # fmt: skip
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
